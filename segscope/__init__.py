@@ -1,0 +1,40 @@
+"""segscope: panoptic, semantic and instance segmentation on CPU and GPU.
+
+    >>> import segscope
+    >>> segment = segscope.pipeline("image-segmentation", model="demo")
+    >>> result = segment("street.jpg")
+    >>> result["masks"].shape, result["labels"][:3]
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from segscope.loading import LoadedModel, load
+from segscope.pipeline import SegmentationPipeline, pipeline
+from segscope.results import SegmentationResult
+from segscope.zoo import list_models
+
+__version__ = "0.1.0"
+
+
+def load_model(model: str | os.PathLike[str]) -> nn.Module:
+    """The network behind ``model`` (zoo name, Hub id, directory or checkpoint), in eval mode.
+
+    Its forward takes a normalized ``[B,3,H,W]`` tensor and returns an output whose
+    ``class_logits`` are ``[B,Q,C+1]`` and ``mask_logits`` ``[B,Q,H/4,W/4]``.
+    """
+    return load(model).module
+
+
+__all__ = [
+    "LoadedModel",
+    "SegmentationPipeline",
+    "SegmentationResult",
+    "list_models",
+    "load_model",
+    "pipeline",
+    "__version__",
+]
