@@ -1,0 +1,136 @@
+"""Test-time preprocessing: resize, normalize and pad a list of images into one batch.
+
+The resize follows detectron2's ``ResizeShortestEdge`` (the rule Mask2Former was evaluated
+with), and ``sliding_windows`` follows mmseg's sliding-window inference grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segscope.config import PreprocessConfig
+
+
+@dataclass
+class Batch:
+    """Images ready for a model, and the sizes needed to map predictions back.
+
+    Attributes:
+        images: [B, 3, Hp, Wp] float32, normalized, zero-padded at the bottom and right to a
+            common size that is a multiple of the size divisibility.
+        image_sizes: (h, w) of each image after resizing, before padding.
+        original_sizes: (h, w) of each image as given.
+    """
+
+    images: torch.Tensor
+    image_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+
+
+def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+    """(h, w) after scaling the short side to ``short_side``, capping the long side at ``max_size``.
+
+    Same float operations, in the same order, as detectron2's ``ResizeShortestEdge``, so that
+    sizes landing on exactly x.5 round (half up) the same way.
+    """
+    scale = short_side / min(height, width)
+    if height < width:
+        new_h, new_w = float(short_side), scale * width
+    else:
+        new_h, new_w = scale * height, float(short_side)
+    if max(new_h, new_w) > max_size:
+        cap = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * cap, new_w * cap
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+class Preprocessor:
+    """Resize, normalize and pad HxWx3 uint8 RGB images into a ``Batch``."""
+
+    def __init__(self, cfg: PreprocessConfig) -> None:
+        self.cfg = cfg
+        self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, images: Sequence[np.ndarray], device: str | torch.device | None = None) -> Batch:
+        """Preprocess ``images`` (HxWx3 uint8 RGB each) on ``device`` (default: CPU)."""
+        if len(images) == 0:
+            raise ValueError("Preprocessor needs at least one image")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        mean, std = self._mean.to(device), self._std.to(device)
+        tensors = []
+        for index, image in enumerate(images):
+            _check_image(image, index)
+            tensors.append((self._resize(image, device) - mean) / std)
+        padded = self._pad(tensors)
+        return Batch(
+            images=padded,
+            image_sizes=[(t.shape[1], t.shape[2]) for t in tensors],
+            original_sizes=[(image.shape[0], image.shape[1]) for image in images],
+        )
+
+    def _resize(self, image: np.ndarray, device: torch.device) -> torch.Tensor:
+        """[3, h, w] float32 in 0-255, resized with antialiased bilinear interpolation."""
+        height, width = image.shape[:2]
+        size = resized_shape(height, width, self.cfg.short_side, self.cfg.max_size)
+        # Copy to the device as uint8: a quarter of the bytes of float32.
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float()
+        if size == (height, width):
+            return pixels
+        resized = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        # The reference pipelines resize uint8 images with PIL; rounding keeps the same quantization.
+        return resized.round_().clamp_(0, 255)
+
+    def _pad(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        divisor = max(self.cfg.size_divisibility, 1)
+        height = _round_up(max(t.shape[1] for t in tensors), divisor)
+        width = _round_up(max(t.shape[2] for t in tensors), divisor)
+        batch = tensors[0].new_zeros((len(tensors), 3, height, width))
+        for i, tensor in enumerate(tensors):
+            batch[i, :, : tensor.shape[1], : tensor.shape[2]] = tensor
+        return batch
+
+
+def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Windows ``(y0, x0, y1, x1)`` of an mmseg-style sliding-window inference over an image.
+
+    Windows are ``crop`` x ``crop`` (smaller only when the image is), start every ``stride``
+    pixels, and the last one in each direction is shifted back to end at the border, so they
+    cover the image exactly once or more with no window outside it.
+    """
+    if crop <= 0 or stride <= 0:
+        raise ValueError(f"crop and stride must be positive, got crop={crop} stride={stride}")
+    if stride > crop:
+        raise ValueError(f"stride {stride} > crop {crop} would leave gaps between windows")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    return [
+        (y0, x0, y0 + min(crop, height), x0 + min(crop, width))
+        for y0 in _window_starts(height, crop, stride)
+        for x0 in _window_starts(width, crop, stride)
+    ]
+
+
+def _window_starts(length: int, crop: int, stride: int) -> list[int]:
+    count = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, length) - crop, 0) for i in range(count)]
+
+
+def _round_up(value: int, divisor: int) -> int:
+    return -(-value // divisor) * divisor
+
+
+def _check_image(image: np.ndarray, index: int) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        if isinstance(image, np.ndarray):
+            described = f"shape {image.shape} dtype {image.dtype}"
+        else:
+            described = type(image).__name__
+        raise ValueError(
+            f"image {index}: expected an HxWx3 uint8 RGB array, got {described} (segscope.io.load_image makes one)"
+        )
