@@ -1,0 +1,100 @@
+"""Reading weight files without executing pickled code, and loading them strictly.
+
+Only two ways in: safetensors, and ``torch.load(weights_only=True)``, whose unpickler refuses
+anything but tensors and plain containers. A checkpoint that does not fit the model is
+reported by key, never half-loaded.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
+
+from segscope.errors import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+# How many offending keys an error message lists before summarising the rest.
+_KEYS_SHOWN = 10
+
+
+def read_weights(path: str | Path) -> StateDict:
+    """Read a ``.safetensors`` file or a torch checkpoint holding tensors.
+
+    A torch checkpoint may be a bare state dict or wrap one under ``"model"`` or
+    ``"state_dict"`` (trainer checkpoints). Raises ``CheckpointError`` for a missing,
+    truncated or unsafe file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_safetensors(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"cannot read safetensors file {path}: {error}") from error
+    payload = read_torch_file(path)
+    return extract_state_dict(payload, path)
+
+
+def read_torch_file(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``, errors turned into ``CheckpointError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects other than tensors and plain "
+            f"containers, and segscope never runs arbitrary pickled code ({error})"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"cannot read {path} (truncated or not a checkpoint?): {error}") from error
+
+
+def extract_state_dict(payload: Any, source: str | Path) -> StateDict:
+    """The tensors of a loaded checkpoint, unwrapping ``{"model": ...}``/``{"state_dict": ...}``."""
+    if isinstance(payload, Mapping):
+        for wrapper in ("model", "state_dict"):
+            inner = payload.get(wrapper)
+            if isinstance(inner, Mapping):
+                payload = inner
+                break
+    if not isinstance(payload, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()
+    ):
+        raise CheckpointError(f"{source} does not hold a state dict of tensors")
+    return dict(payload)
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load every tensor of ``state_dict`` into ``model``, or raise naming what does not fit.
+
+    Missing keys, unexpected keys and shape mismatches are all collected first, so one error
+    tells the whole story.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            shown = ", ".join(items[:_KEYS_SHOWN])
+            more = f" (+{len(items) - _KEYS_SHOWN} more)" if len(items) > _KEYS_SHOWN else ""
+            problems.append(f"{title} keys [{len(items)}]: {shown}{more}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {source} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems)
+        )
+    model.load_state_dict(dict(state_dict), strict=True)

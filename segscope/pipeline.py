@@ -1,0 +1,196 @@
+"""The inference pipeline: load image -> preprocess -> model -> post-process -> result.
+
+Device, dtype and batching are decided here and nowhere deeper.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from segscope.io import list_images, load_image
+from segscope.loading import LoadedModel, load
+from segscope.models.mask2former import postprocess
+from segscope.results import SegmentationResult
+from segscope.transforms import Preprocessor
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+TASKS = ("panoptic", "semantic", "instance")
+
+
+class SegmentationPipeline:
+    """Segment images with a loaded model.
+
+    Args:
+        model: a ``LoadedModel`` (see ``segscope.loading.load``).
+        task: "panoptic", "semantic" or "instance"; defaults to the model's own task.
+        device: "cpu", "cuda", ...; defaults to CUDA when available.
+        batch_size: images per forward pass when given a list or a folder.
+        threshold: instance task only; instances scoring below it are dropped.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        task: str | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 1,
+        threshold: float = 0.5,
+    ) -> None:
+        task = task or model.description.default_task
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.task = task
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        self.threshold = threshold
+        self.categories = model.description.categories
+        self.preprocessor = Preprocessor(model.description.preprocess)
+        self.module = model.module.to(self.device).eval()
+        self._is_thing = torch.tensor([c.isthing for c in self.categories.categories], dtype=torch.bool)
+
+    def __call__(
+        self, inputs: ImageInput | Sequence[ImageInput], *, progress: bool = False
+    ) -> SegmentationResult | list[SegmentationResult]:
+        """Segment one image (returns a result) or a list / folder of images (returns a list)."""
+        if _is_folder(inputs):
+            inputs = list_images(Path(inputs))
+        elif not isinstance(inputs, (list, tuple)):
+            return self._run_batch([load_image(inputs)])[0]
+        return list(self.iter_results(inputs, progress=progress))
+
+    def iter_results(self, inputs: Sequence[ImageInput], progress: bool = True) -> Iterator[SegmentationResult]:
+        """Segment ``inputs`` batch by batch, yielding one result per image as it is ready."""
+        with tqdm(total=len(inputs), disable=not progress, unit="img") as bar:
+            for start in range(0, len(inputs), self.batch_size):
+                chunk = inputs[start : start + self.batch_size]
+                for result in self._run_batch([load_image(item) for item in chunk]):
+                    bar.update()
+                    yield result
+
+    @torch.inference_mode()
+    def _run_batch(self, images: list[np.ndarray]) -> list[SegmentationResult]:
+        batch = self.preprocessor(images, device=self.device)
+        outputs = self.module(batch.images)
+        padded_size = tuple(batch.images.shape[-2:])
+        results = []
+        for i, image in enumerate(images):
+            mask_logits = postprocess.mask_logits_to_image(
+                outputs.mask_logits[i], padded_size, batch.image_sizes[i], batch.original_sizes[i]
+            ).float()
+            class_logits = outputs.class_logits[i].float()
+            results.append(self._result(image, class_logits, mask_logits))
+        return results
+
+    def _result(self, image: np.ndarray, class_logits: torch.Tensor, mask_logits: torch.Tensor) -> SegmentationResult:
+        config = self.model.description.config
+        is_thing = self._is_thing.to(class_logits.device)
+        if self.task == "panoptic":
+            prediction = postprocess.panoptic_inference(
+                class_logits, mask_logits, is_thing, config.object_mask_threshold, config.overlap_threshold
+            )
+            return self._panoptic_result(image, prediction)
+        if self.task == "semantic":
+            return self._semantic_result(image, postprocess.semantic_inference(class_logits, mask_logits))
+        has_stuff = not bool(is_thing.all())
+        prediction = postprocess.instance_inference(
+            class_logits, mask_logits, config.test_topk_per_image, is_thing if has_stuff else None
+        )
+        return self._instance_result(image, prediction)
+
+    def _panoptic_result(self, image: np.ndarray, prediction: postprocess.PanopticPrediction) -> SegmentationResult:
+        seg = prediction.panoptic_seg.cpu().numpy()
+        infos = []
+        for segment in prediction.segments:
+            category = self.categories.categories[segment["label"]]
+            infos.append(
+                {
+                    "id": int(segment["id"]),
+                    "label": category.name,
+                    "label_id": int(segment["label"]),
+                    "category_id": category.id,
+                    "isthing": bool(segment["isthing"]),
+                    "score": float(segment["score"]),
+                    "area": int(segment["area"]),
+                }
+            )
+        masks = np.stack([seg == info["id"] for info in infos]) if infos else _no_masks(seg.shape)
+        return SegmentationResult(
+            task="panoptic",
+            image=image,
+            masks=masks,
+            labels=[info["label"] for info in infos],
+            label_ids=np.array([info["label_id"] for info in infos], dtype=np.int64),
+            scores=np.array([info["score"] for info in infos], dtype=np.float32),
+            categories=self.categories,
+            panoptic_seg=seg,
+            segments_info=infos,
+        )
+
+    def _semantic_result(self, image: np.ndarray, scores: torch.Tensor) -> SegmentationResult:
+        """Per-pixel argmax; a class's score is its mean share of the pixel score where it wins."""
+        share = scores / scores.sum(0, keepdim=True).clamp_min(1e-12)
+        confidence, seg = share.max(0)
+        present = torch.unique(seg)
+        label_ids = present.cpu().numpy()
+        masks = torch.stack([seg == c for c in present]).cpu().numpy()
+        class_scores = np.array([float(confidence[seg == c].mean()) for c in present], dtype=np.float32)
+        return SegmentationResult(
+            task="semantic",
+            image=image,
+            masks=masks,
+            labels=[self.categories.categories[i].name for i in label_ids],
+            label_ids=label_ids.astype(np.int64),
+            scores=class_scores,
+            categories=self.categories,
+            semantic_seg=seg.cpu().numpy().astype(np.int64),
+        )
+
+    def _instance_result(self, image: np.ndarray, prediction: postprocess.InstancePrediction) -> SegmentationResult:
+        keep = prediction.scores >= self.threshold
+        label_ids = prediction.labels[keep].cpu().numpy().astype(np.int64)
+        return SegmentationResult(
+            task="instance",
+            image=image,
+            masks=prediction.masks[keep].cpu().numpy(),
+            labels=[self.categories.categories[i].name for i in label_ids],
+            label_ids=label_ids,
+            scores=prediction.scores[keep].cpu().numpy().astype(np.float32),
+            categories=self.categories,
+            boxes=prediction.boxes[keep].cpu().numpy().astype(np.float32),
+        )
+
+
+def pipeline(
+    task_name: str = "image-segmentation",
+    model: str | os.PathLike[str] | LoadedModel = "demo",
+    task: str | None = None,
+    **options: Any,
+) -> SegmentationPipeline:
+    """Build a segmentation pipeline, ``transformers.pipeline`` style.
+
+    ``model`` is a zoo name, a Hub id, a local transformers directory, a segscope checkpoint
+    or an already loaded model; ``options`` go to ``SegmentationPipeline``.
+    """
+    if task_name != "image-segmentation":
+        raise ValueError(f"unsupported pipeline {task_name!r}; segscope provides 'image-segmentation'")
+    loaded = model if isinstance(model, LoadedModel) else load(model)
+    return SegmentationPipeline(loaded, task=task, **options)
+
+
+def _is_folder(inputs: Any) -> bool:
+    return isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir()
+
+
+def _no_masks(shape: tuple[int, int]) -> np.ndarray:
+    return np.zeros((0, *shape), dtype=bool)

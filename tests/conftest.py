@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny models saved in segscope's format, synthetic pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segscope.checkpoints.segscope_format import ModelDescription, save_model
+from segscope.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig
+from segscope.data.categories import CategorySet
+from segscope.models import build_model
+
+# A Mask2Former small enough to build and run in well under a second on a CPU.
+TINY_CONFIG = Mask2FormerConfig(
+    backbone=ResNetConfig(depth=18),
+    num_classes=4,
+    pixel_decoder_dim=32,
+    mask_dim=32,
+    pixel_decoder_layers=1,
+    pixel_decoder_ffn_dim=64,
+    pixel_decoder_heads=4,
+    hidden_dim=32,
+    num_queries=8,
+    decoder_layers=2,
+    decoder_heads=4,
+    decoder_ffn_dim=64,
+    train_num_points=256,
+    # Random weights score low: keep every query so that the post-processing has work to do.
+    object_mask_threshold=0.0,
+    overlap_threshold=0.0,
+)
+TINY_CATEGORIES = CategorySet.from_names(["disc", "square", "grass", "sky"], thing_flags=[True, True, False, False])
+TINY_PREPROCESS = PreprocessConfig(short_side=64, max_size=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Mask2Former saved as a segscope ``.safetensors`` file."""
+    torch.manual_seed(0)
+    model = build_model(TINY_CONFIG)
+    description = ModelDescription(TINY_CONFIG, TINY_CATEGORIES, TINY_PREPROCESS, "panoptic")
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    return save_model(path, model.state_dict(), description)
+
+
+@pytest.fixture(scope="session")
+def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 75 x 110 RGB PNG (sizes not multiples of 32) with some structure in it."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 60, size=(75, 110, 3), dtype=np.uint8)
+    image[10:40, 20:60] = (220, 40, 40)
+    image[45:70, 70:105] = (40, 200, 60)
+    path = tmp_path_factory.mktemp("pictures") / "picture.png"
+    Image.fromarray(image).save(path)
+    return path
+
