@@ -1,0 +1,28 @@
+"""Batching of training samples for a ``DataLoader``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from segscope.data.transforms import Sample
+
+
+def collate(samples: Sequence[Sample]) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Stack equal-size images; keep targets per image (their counts differ).
+
+    Returns:
+        ``images [B, 3, H, W]`` uint8 and, per image, ``{"labels": [N], "masks": [N, H, W]}``
+        (the target format of the Mask2Former criterion).
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    sizes = {tuple(s.image.shape) for s in samples}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"images of one batch must share a size (crop or pad them first), got {sorted(sizes)}"
+        )
+    images = torch.stack([s.image for s in samples])
+    return images, [{"labels": s.labels, "masks": s.masks} for s in samples]
