@@ -1,0 +1,248 @@
+"""Training Mask2Former on COCO-format panoptic data: one process or many under ``torchrun``.
+
+Reproducibility: parameters are initialised from ``seed``; every epoch reseeds the global
+RNG from ``(seed, epoch)`` and every sample draws its augmentation from a generator seeded
+by ``(seed, epoch, index)``. A run resumed from ``epoch_N.pth`` therefore replays epochs
+N+1... exactly as an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from segscope.checkpoints.safe_load import load_state_dict_strict
+from segscope.checkpoints.segscope_format import ModelDescription, trainer_payload
+from segscope.data.coco import CocoPanopticDataset
+from segscope.data.collate import collate
+from segscope.data.transforms import Sample, training_transform
+from segscope.engine import distributed
+from segscope.engine.checkpointing import epoch_path, latest_checkpoint, read_training_state, save_atomic
+from segscope.engine.evaluate import evaluate_panoptic
+from segscope.engine.optim import build_optimizer, build_scheduler
+from segscope.engine.train_config import TrainConfig
+from segscope.loading import LoadedModel, load
+from segscope.models import build_model
+from segscope.models.mask2former.criterion import SetCriterion, total_loss
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed mixing ``parts`` (stable across processes and Python runs)."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value * 6364136223846793005 + part + 1442695040888963407) % (1 << 63)
+    return value
+
+
+class TrainingSamples(Dataset):
+    """A panoptic dataset as training samples: augmented image and Mask2Former targets.
+
+    Each item is a ``Sample`` (image ``[3,S,S]`` uint8, labels ``[N]``, masks ``[N,S,S]``).
+    """
+
+    def __init__(self, dataset: CocoPanopticDataset, config: TrainConfig) -> None:
+        self.dataset = dataset
+        self.seed = config.seed
+        self.epoch = 0
+        self.transform = training_transform(config.crop_size, config.min_scale, config.max_scale)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Sample:
+        generator = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch, index))
+        item = self.dataset[index]
+        return self.transform(Sample.from_arrays(item["image"], *self.dataset.to_targets(item)), generator)
+
+
+class Trainer:
+    """Train, checkpoint, resume and evaluate a Mask2Former on a COCO-panoptic directory.
+
+    Args:
+        config: the training configuration (model, solver, augmentation, batch size).
+        data_root: directory with ``annotations/panoptic_{split}.json`` and friends.
+        work_dir: where ``epoch_N.pth``, ``log.jsonl`` and evaluation results go.
+        device: defaults to this process's GPU under torchrun, else CUDA if any, else CPU.
+    """
+
+    def __init__(self, config: TrainConfig, data_root: str | Path, work_dir: str | Path, device: str | None = None) -> None:
+        self.config = config
+        self.data_root = Path(data_root)
+        self.work_dir = Path(work_dir)
+        self.context = distributed.setup(device)
+        self.train_set = CocoPanopticDataset(self.data_root, config.split_train)
+        categories = self.train_set.categories
+        if len(categories) != config.model.num_classes:
+            raise ValueError(
+                f"the model predicts {config.model.num_classes} classes but {self.data_root} has "
+                f"{len(categories)} categories; set model.num_classes to match"
+            )
+        self.description = ModelDescription(config.model, categories, config.preprocess, "panoptic")
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model).to(self.context.device)
+        self.criterion = SetCriterion.from_config(config.model).to(self.context.device)
+        self.samples = TrainingSamples(self.train_set, config)
+        self.sampler = DistributedSampler(
+            self.samples,
+            num_replicas=self.context.world_size,
+            rank=self.context.rank,
+            shuffle=True,
+            seed=config.seed,
+            drop_last=True,
+        )
+        self.loader = DataLoader(
+            self.samples,
+            batch_size=config.batch_size,
+            sampler=self.sampler,
+            num_workers=config.num_workers,
+            collate_fn=collate,
+            drop_last=True,
+            pin_memory=self.context.device.type == "cuda",
+        )
+        if len(self.loader) == 0:
+            raise ValueError(
+                f"{len(self.samples)} training images make no full batch of {config.batch_size} "
+                f"per process over {self.context.world_size} process(es)"
+            )
+        self.optimizer = build_optimizer(self.model, config.solver)
+        mean = torch.tensor(config.preprocess.mean, device=self.context.device).view(1, 3, 1, 1)
+        std = torch.tensor(config.preprocess.std, device=self.context.device).view(1, 3, 1, 1)
+        self._normalize = lambda images: (images.float() - mean) / std
+        self.use_amp = config.solver.amp and self.context.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.iteration = 0
+        self.epoch = 0
+
+    @property
+    def _network(self) -> torch.nn.Module:
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    def train(self, max_epochs: int, resume: bool | str | Path = False) -> Path:
+        """Train until ``max_epochs`` epochs are done; return the last checkpoint's path.
+
+        ``resume=True`` continues from the newest ``epoch_N.pth`` in the work dir (starting
+        fresh if there is none); a path continues from that checkpoint.
+        """
+        total_iterations = max_epochs * len(self.loader)
+        scheduler = build_scheduler(self.optimizer, total_iterations, self.config.solver)
+        if resume:
+            checkpoint = latest_checkpoint(self.work_dir) if resume is True else Path(resume)
+            if checkpoint is not None:
+                self._restore(read_training_state(checkpoint), scheduler)
+        if self.context.is_distributed and not isinstance(self.model, DistributedDataParallel):
+            device_ids = [self.context.local_rank] if self.context.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=device_ids)
+        last = epoch_path(self.work_dir, self.epoch)
+        while self.epoch < max_epochs:
+            self._train_epoch(scheduler, max_epochs)
+            self.epoch += 1
+            last = epoch_path(self.work_dir, self.epoch)
+            if self.context.is_main:
+                save_atomic(self._state(scheduler), last)
+            distributed.barrier(self.context)
+        return last
+
+    def _train_epoch(self, scheduler: torch.optim.lr_scheduler.LRScheduler, max_epochs: int) -> None:
+        torch.manual_seed(_seed_for(self.config.seed, self.epoch, self.context.rank))
+        self.sampler.set_epoch(self.epoch)
+        self.samples.epoch = self.epoch
+        self.model.train()
+        device = self.context.device
+        bar = tqdm(
+            self.loader,
+            desc=f"epoch {self.epoch + 1}/{max_epochs}",
+            disable=not self.context.is_main,
+            unit="it",
+        )
+        started = time.perf_counter()
+        for images, targets in bar:
+            images = self._normalize(images.to(device, non_blocking=True))
+            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+            autocast = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
+            with autocast:
+                outputs = self.model(images)
+            losses = self.criterion(_float_outputs(outputs), targets)
+            loss = total_loss(losses)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at iteration {self.iteration}")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.solver.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            scheduler.step()
+            self.iteration += 1
+            if self.context.is_main and self.iteration % self.config.log_interval == 0:
+                record = {
+                    "epoch": self.epoch + 1,
+                    "iteration": self.iteration,
+                    "loss": round(loss.item(), 5),
+                    "lr": scheduler.get_last_lr()[0],
+                    "seconds": round(time.perf_counter() - started, 2),
+                    **{k: round(v.item(), 5) for k, v in losses.items() if "_" not in k.removeprefix("loss_")},
+                }
+                bar.set_postfix(loss=record["loss"], lr=f"{record['lr']:.2e}")
+                self._log(record)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.work_dir / "log.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+    def _state(self, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+        return trainer_payload(
+            self._network.state_dict(),
+            self.description,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            epoch=self.epoch,
+            iteration=self.iteration,
+            train_config=json.dumps(self.config.to_dict()),
+        )
+
+    def _restore(self, state: dict[str, Any], scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        load_state_dict_strict(self._network, state["model"], "resume checkpoint")
+        self.optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.iteration = int(state["iteration"])
+
+    def evaluate(self, checkpoint: str | Path | None = None, split: str | None = None) -> dict[str, Any]:
+        """PQ/SQ/RQ of ``checkpoint`` (default: the model in memory) on ``split`` (default: val).
+
+        Writes ``eval_<split>.json`` into the work dir and returns the figures.
+        """
+        if checkpoint is None:
+            loaded = LoadedModel(self._network, self.description, "trainer")
+        else:
+            loaded = load(checkpoint)
+        split = split or self.config.split_val
+        dataset = CocoPanopticDataset(self.data_root, split)
+        results = evaluate_panoptic(loaded, dataset, device=self.context.device, context=self.context)
+        if self.context.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            (self.work_dir / f"eval_{split}.json").write_text(json.dumps(results, indent=2))
+        return results
+
+
+def _float_outputs(outputs: Any) -> Any:
+    """Model outputs in float32 for the losses (autocast leaves them in float16)."""
+    if outputs.class_logits.dtype == torch.float32:
+        return outputs
+    return type(outputs)(
+        class_logits=outputs.class_logits.float(),
+        mask_logits=outputs.mask_logits.float(),
+        aux_outputs=[(c.float(), m.float()) for c, m in outputs.aux_outputs],
+    )

@@ -1,0 +1,122 @@
+"""Training: the loss falls, checkpoints resume exactly, torchrun runs it on several processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from segscope.checkpoints.safe_load import read_weights
+from segscope.data.synthetic import write_synthetic_panoptic
+from segscope.engine.checkpointing import epoch_path, latest_checkpoint
+from segscope.engine.train_config import TINY_SYNTHETIC, TrainConfig, load_train_config
+from segscope.engine.trainer import Trainer
+from segscope.loading import load
+
+# The demo recipe, smaller: fewer queries and layers, 4 images a batch, no log throttling.
+SMALL = replace(
+    TINY_SYNTHETIC,
+    model=replace(TINY_SYNTHETIC.model, num_queries=10, decoder_layers=2, pixel_decoder_layers=1),
+    batch_size=4,
+    log_interval=1,
+)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_panoptic(tmp_path_factory.mktemp("shapes"), num_train=32, num_val=4, seed=3)
+
+
+def _losses(work_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (work_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_over_two_hundred_iterations(shapes: Path, tmp_path: Path) -> None:
+    trainer = Trainer(SMALL, shapes, tmp_path, device="cpu")
+    trainer.train(max_epochs=25)  # 32 images / 4 = 8 iterations an epoch
+    losses = _losses(tmp_path)
+    assert len(losses) == 200
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    print(f"mean loss, first 20 iterations {first:.2f}, last 20 {last:.2f}")
+    assert last < 0.6 * first
+
+
+def test_resume_after_interruption_gives_the_same_weights(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight = Trainer(SMALL, shapes, tmp_path / "straight", device="cpu")
+    straight.train(max_epochs=2)
+
+    interrupted = Trainer(SMALL, shapes, tmp_path / "resumed", device="cpu")
+    train_epoch = interrupted._train_epoch
+
+    def crash_during_second_epoch(*args) -> None:
+        if interrupted.epoch == 1:
+            raise KeyboardInterrupt("simulated crash")
+        train_epoch(*args)
+
+    monkeypatch.setattr(interrupted, "_train_epoch", crash_during_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train(max_epochs=2)
+    assert latest_checkpoint(tmp_path / "resumed") == epoch_path(tmp_path / "resumed", 1)
+    # A new process: a fresh trainer that only has the work dir.
+    resumed = Trainer(SMALL, shapes, tmp_path / "resumed", device="cpu")
+    resumed.train(max_epochs=2, resume=True)
+    assert resumed.iteration == straight.iteration == 16
+    expected = read_weights(epoch_path(tmp_path / "straight", 2))
+    got = read_weights(epoch_path(tmp_path / "resumed", 2))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    # And the optimizer moved the weights: the comparison is not between two untouched models.
+    first = read_weights(epoch_path(tmp_path / "resumed", 1))
+    assert any(not torch.equal(first[k], got[k]) for k in got)
+
+
+def test_each_epoch_leaves_a_checkpoint_that_is_a_model(shapes: Path, tmp_path: Path) -> None:
+    Trainer(SMALL, shapes, tmp_path, device="cpu").train(max_epochs=2)
+    assert latest_checkpoint(tmp_path) == epoch_path(tmp_path, 2)
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = load(epoch_path(tmp_path, 2))
+    assert loaded.description.categories.names[:3] == ("circle", "square", "triangle")
+
+
+def test_class_count_must_match_the_data(shapes: Path, tmp_path: Path) -> None:
+    wrong = replace(SMALL, model=replace(SMALL.model, num_classes=133))
+    with pytest.raises(ValueError, match="133 classes but .* has 6 categories"):
+        Trainer(wrong, shapes, tmp_path, device="cpu")
+
+
+def test_config_round_trips_through_json(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SMALL.to_dict()))
+    assert load_train_config(str(path)) == SMALL
+    assert load_train_config("mask2former-tiny-synthetic", batch_size=2).batch_size == 2
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        load_train_config("nope.json")
+
+
+def test_torchrun_trains_on_two_processes(shapes: Path, tmp_path: Path) -> None:
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps(SMALL.to_dict()))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+        "-m", "segscope.cli", "train", "--config", str(config), "--data", str(shapes),
+        "--work-dir", str(tmp_path / "ddp"), "--max-epochs", "1", "--device", "cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert process.returncode == 0, process.stderr[-3000:]
+    # 32 images over 2 processes of 4 each: 4 iterations, logged by rank 0 only.
+    assert len(_losses(tmp_path / "ddp")) == 4
+    assert (tmp_path / "ddp" / "epoch_1.pth").is_file()
+
+
+def test_trainer_config_is_typed() -> None:
+    assert isinstance(TINY_SYNTHETIC, TrainConfig)
