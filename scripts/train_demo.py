@@ -35,7 +35,7 @@ def main() -> None:
     results = trainer.evaluate(last, split="val")
     state_dict, description = read_model(last)
     save_model(args.export, {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}, description)
-    summary = {"checkpoint": str(last), "PQ": results["All"], "Things": results["Things"], "Stuff": results["Stuff"]}
+    summary = {"checkpoint": str(last), **{group: results[group] for group in ("All", "Things", "Stuff")}}
     print(json.dumps(summary, indent=2))
 
 

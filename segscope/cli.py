@@ -86,6 +86,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--work-dir", "-w", required=True)
     parser.add_argument("--max-epochs", type=int, required=True)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work dir")
+    parser.add_argument("--init", help="fine-tune from this model (zoo name, Hub id, directory or checkpoint)")
     parser.add_argument("--batch-size", type=int, help="per process; overrides the config")
     parser.add_argument("--num-workers", type=int, help="data loader workers; overrides the config")
     parser.add_argument("--device", help="default: this process's GPU under torchrun, else cuda if available, else cpu")
@@ -99,7 +100,9 @@ def _train(args: argparse.Namespace) -> int:
     from segscope.engine.trainer import Trainer
 
     config = load_train_config(args.config, batch_size=args.batch_size, num_workers=args.num_workers)
-    trainer = Trainer(config, args.data, args.work_dir, device=args.device)
+    trainer = Trainer(config, args.data, args.work_dir, device=args.device, init_from=args.init)
+    if args.init and trainer.context.is_main:
+        print(f"initialised from {args.init}; left as initialised: {trainer.skipped_init_keys or 'nothing'}")
     try:
         last = trainer.train(args.max_epochs, resume=args.resume)
         if trainer.context.is_main:

@@ -96,6 +96,7 @@ def save_model(path: str | Path, state_dict: StateDict, description: ModelDescri
         tmp_path = Path(tmp.name)
     try:
         save_file(tensors, str(tmp_path), metadata=description.to_metadata())
+        os.chmod(tmp_path, 0o644)  # NamedTemporaryFile creates files readable by the owner only
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         tmp_path = Path(tmp.name)
     try:
         torch.save(payload, tmp_path)
+        os.chmod(tmp_path, 0o644)  # NamedTemporaryFile creates files readable by the owner only
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from segscope.data.coco import CocoInstanceDataset, CocoPanopticDataset
@@ -14,6 +16,7 @@ from segscope.engine.distributed import DistributedContext
 from segscope.evaluation import CocoEvaluator, PanopticEvaluator, SemanticEvaluator
 from segscope.loading import LoadedModel
 from segscope.pipeline import SegmentationPipeline
+from segscope.results import SegmentationResult
 
 _SINGLE = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -23,11 +26,34 @@ def _shard(length: int, context: DistributedContext) -> range:
     return range(context.rank, length, context.world_size)
 
 
-def _check_categories(loaded: LoadedModel, dataset_ids: tuple[int, ...], source: str) -> None:
-    model_ids = set(loaded.description.categories.ids)
+def _check_categories(
+    loaded: LoadedModel, dataset_ids: tuple[int, ...], source: str, things_only: bool = False
+) -> None:
+    """Refuse a model whose categories (or thing categories) the dataset does not define."""
+    categories = loaded.description.categories
+    model_ids = {c.id for c in categories if c.isthing or not things_only}
     unknown = sorted(model_ids - set(dataset_ids))
     if unknown:
         raise ValueError(f"the model predicts category ids {unknown[:10]} that {source} does not define")
+
+
+def _run(
+    loaded: LoadedModel,
+    dataset: Dataset,
+    task: str,
+    evaluator: Any,
+    update: Callable[[dict[str, Any], SegmentationResult], None],
+    device: torch.device | str | None,
+    context: DistributedContext,
+    **pipeline_options: Any,
+) -> dict[str, Any]:
+    """Segment this process's share of ``dataset``, feed ``update``, combine, compute."""
+    segment = SegmentationPipeline(loaded, task=task, device=device, **pipeline_options)
+    for index in tqdm(_shard(len(dataset), context), desc=task, disable=not context.is_main, unit="img"):
+        item = dataset[index]
+        update(item, segment(item["image"]))
+    evaluator.sync()
+    return evaluator.compute()
 
 
 def evaluate_panoptic(
@@ -38,15 +64,13 @@ def evaluate_panoptic(
 ) -> dict[str, Any]:
     """PQ, SQ, RQ (All, Things, Stuff, per class) of ``loaded`` on ``dataset``."""
     _check_categories(loaded, dataset.categories.ids, str(dataset.annotation_file))
-    segment = SegmentationPipeline(loaded, task="panoptic", device=device)
     evaluator = PanopticEvaluator(dataset.categories)
-    for index in tqdm(_shard(len(dataset), context), desc="PQ", disable=not context.is_main, unit="img"):
-        item = dataset[index]
-        result = segment(item["image"])
+
+    def update(item: dict[str, Any], result: SegmentationResult) -> None:
         predicted = [{"id": s["id"], "category_id": s["category_id"]} for s in result.segments_info]
         evaluator.update(result.panoptic_seg, predicted, item["pan_seg"], item["segments_info"])
-    evaluator.sync()
-    results = evaluator.compute()
+
+    results = _run(loaded, dataset, "panoptic", evaluator, update, device, context)
     if context.is_main:
         print(PanopticEvaluator.format_table(results))
     return results
@@ -59,14 +83,12 @@ def evaluate_semantic(
     context: DistributedContext = _SINGLE,
 ) -> dict[str, Any]:
     """mIoU, aAcc, mAcc of ``loaded`` on a semantic label-map dataset."""
-    num_classes = len(loaded.description.categories)
-    segment = SegmentationPipeline(loaded, task="semantic", device=device)
-    evaluator = SemanticEvaluator(num_classes, ignore_index=dataset.ignore_index)
-    for index in tqdm(_shard(len(dataset), context), desc="mIoU", disable=not context.is_main, unit="img"):
-        item = dataset[index]
-        evaluator.update(segment(item["image"]).semantic_seg, item["sem_seg"])
-    evaluator.sync()
-    results = evaluator.compute()
+    evaluator = SemanticEvaluator(len(loaded.description.categories), ignore_index=dataset.ignore_index)
+
+    def update(item: dict[str, Any], result: SegmentationResult) -> None:
+        evaluator.update(result.semantic_seg, item["sem_seg"])
+
+    results = _run(loaded, dataset, "semantic", evaluator, update, device, context)
     if context.is_main:
         print(SemanticEvaluator.format_table(results, loaded.description.categories.names))
     return results
@@ -79,17 +101,17 @@ def evaluate_instances(
     context: DistributedContext = _SINGLE,
 ) -> dict[str, Any]:
     """COCO box and mask AP of ``loaded`` on an instances dataset (pycocotools)."""
-    _check_categories(loaded, dataset.categories.ids, str(dataset.annotation_file))
-    # Every detection counts towards AP, low scores included (COCO protocol).
-    segment = SegmentationPipeline(loaded, task="instance", device=device, threshold=0.0)
+    # A panoptic model's instances are its thing classes: only those must be in the dataset.
+    _check_categories(loaded, dataset.categories.ids, str(dataset.annotation_file), things_only=True)
     evaluator = CocoEvaluator(dataset.annotation_file)
-    for index in tqdm(_shard(len(dataset), context), desc="AP", disable=not context.is_main, unit="img"):
-        item = dataset[index]
-        result = segment(item["image"])
-        category_ids = [loaded.description.categories[i].id for i in result.label_ids]
+    categories = loaded.description.categories
+
+    def update(item: dict[str, Any], result: SegmentationResult) -> None:
+        category_ids = [categories[i].id for i in result.label_ids]
         evaluator.update(item["image_id"], result.boxes, result.scores, category_ids, result.masks)
-    evaluator.sync()
-    results = evaluator.compute()
+
+    # Every detection counts towards AP, low scores included (COCO protocol).
+    results = _run(loaded, dataset, "instance", evaluator, update, device, context, threshold=0.0)
     if context.is_main:
         print(CocoEvaluator.format_table(results))
     return results

@@ -71,9 +71,19 @@ class Trainer:
         data_root: directory with ``annotations/panoptic_{split}.json`` and friends.
         work_dir: where ``epoch_N.pth``, ``log.jsonl`` and evaluation results go.
         device: defaults to this process's GPU under torchrun, else CUDA if any, else CPU.
+        init_from: fine-tune from this model (any ``model=`` value: zoo name, Hub id,
+            directory, checkpoint); weights whose shapes differ (the class head, when the
+            class count changes) keep their fresh initialisation.
     """
 
-    def __init__(self, config: TrainConfig, data_root: str | Path, work_dir: str | Path, device: str | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        data_root: str | Path,
+        work_dir: str | Path,
+        device: str | None = None,
+        init_from: str | Path | None = None,
+    ) -> None:
         self.config = config
         self.data_root = Path(data_root)
         self.work_dir = Path(work_dir)
@@ -87,7 +97,10 @@ class Trainer:
             )
         self.description = ModelDescription(config.model, categories, config.preprocess, "panoptic")
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model).to(self.context.device)
+        model = build_model(config.model)
+        if init_from is not None:
+            self.skipped_init_keys = initialise_from(model, init_from)
+        self.model = model.to(self.context.device)
         self.criterion = SetCriterion.from_config(config.model).to(self.context.device)
         self.samples = TrainingSamples(self.train_set, config)
         self.sampler = DistributedSampler(
@@ -235,6 +248,24 @@ class Trainer:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             (self.work_dir / f"eval_{split}.json").write_text(json.dumps(results, indent=2))
         return results
+
+
+def initialise_from(model: torch.nn.Module, source: str | Path) -> list[str]:
+    """Copy the weights of ``source`` into ``model`` where names and shapes agree.
+
+    Returns the names of ``model``'s weights left as initialised. The architecture must be the
+    same apart from those: a source sharing fewer than half of the weights is refused.
+    """
+    pretrained = load(source).module.state_dict()
+    own = model.state_dict()
+    fitting = {k: v for k, v in pretrained.items() if k in own and own[k].shape == v.shape}
+    if len(fitting) < len(own) / 2:
+        raise ValueError(
+            f"{source} shares only {len(fitting)} of {len(own)} weights with the model being trained; "
+            f"is it the same architecture?"
+        )
+    model.load_state_dict(fitting, strict=False)
+    return sorted(set(own) - set(fitting))
 
 
 def _float_outputs(outputs: Any) -> Any:

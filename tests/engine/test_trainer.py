@@ -16,8 +16,9 @@ from segscope.checkpoints.safe_load import read_weights
 from segscope.data.synthetic import write_synthetic_panoptic
 from segscope.engine.checkpointing import epoch_path, latest_checkpoint
 from segscope.engine.train_config import TINY_SYNTHETIC, TrainConfig, load_train_config
-from segscope.engine.trainer import Trainer
+from segscope.engine.trainer import Trainer, initialise_from
 from segscope.loading import load
+from segscope.models import build_model
 
 # The demo recipe, smaller: fewer queries and layers, 4 images a batch, no log throttling.
 SMALL = replace(
@@ -120,3 +121,25 @@ def test_torchrun_trains_on_two_processes(shapes: Path, tmp_path: Path) -> None:
 
 def test_trainer_config_is_typed() -> None:
     assert isinstance(TINY_SYNTHETIC, TrainConfig)
+
+
+def test_fine_tuning_starts_from_the_given_weights(shapes: Path, tmp_path: Path) -> None:
+    Trainer(SMALL, shapes, tmp_path / "first", device="cpu").train(max_epochs=1)
+    source = epoch_path(tmp_path / "first", 1)
+    # Another seed, so that only the copy can make the weights equal.
+    trainer = Trainer(replace(SMALL, seed=5), shapes, tmp_path / "tuned", device="cpu", init_from=source)
+    assert trainer.skipped_init_keys == []
+    expected = read_weights(source)
+    assert all(torch.equal(v, expected[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_fine_tuning_to_other_classes_keeps_all_but_the_class_head(shapes: Path, tmp_path: Path) -> None:
+    Trainer(SMALL, shapes, tmp_path, device="cpu").train(max_epochs=1)
+    model = build_model(replace(SMALL.model, num_classes=3))
+    skipped = initialise_from(model, epoch_path(tmp_path, 1))
+    assert skipped and all(k.startswith("transformer_decoder.class_head.") for k in skipped)
+
+
+def test_fine_tuning_refuses_another_architecture(shapes: Path, tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="same architecture"):
+        initialise_from(build_model(SMALL.model), tiny_checkpoint)
