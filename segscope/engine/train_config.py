@@ -49,6 +49,10 @@ class TrainConfig:
     num_workers: int = 4
     seed: int = 0
     log_interval: int = 20
+    # Keep the backbone's BatchNorm statistics and affine weights fixed, as detectron2's
+    # FrozenBatchNorm does when fine-tuning a pretrained ResNet (per-GPU batches are too
+    # small to estimate them well). Has no effect on backbones without BatchNorm (Swin).
+    freeze_backbone_batchnorm: bool = True
     split_train: str = "train"
     split_val: str = "val"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)

@@ -100,6 +100,13 @@ class Trainer:
         model = build_model(config.model)
         if init_from is not None:
             self.skipped_init_keys = initialise_from(model, init_from)
+        self._frozen_norms = (
+            [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            if config.freeze_backbone_batchnorm
+            else []
+        )
+        for norm in self._frozen_norms:
+            norm.requires_grad_(False)
         self.model = model.to(self.context.device)
         self.criterion = SetCriterion.from_config(config.model).to(self.context.device)
         self.samples = TrainingSamples(self.train_set, config)
@@ -168,6 +175,8 @@ class Trainer:
         self.sampler.set_epoch(self.epoch)
         self.samples.epoch = self.epoch
         self.model.train()
+        for norm in self._frozen_norms:
+            norm.eval()  # use and keep the running statistics
         device = self.context.device
         bar = tqdm(
             self.loader,

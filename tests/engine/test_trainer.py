@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from segscope.checkpoints.safe_load import read_weights
+from segscope.config import ResNetConfig
 from segscope.data.synthetic import write_synthetic_panoptic
 from segscope.engine.checkpointing import epoch_path, latest_checkpoint
 from segscope.engine.train_config import TINY_SYNTHETIC, TrainConfig, load_train_config
@@ -143,3 +144,15 @@ def test_fine_tuning_to_other_classes_keeps_all_but_the_class_head(shapes: Path,
 def test_fine_tuning_refuses_another_architecture(shapes: Path, tiny_checkpoint: Path) -> None:
     with pytest.raises(ValueError, match="same architecture"):
         initialise_from(build_model(SMALL.model), tiny_checkpoint)
+
+
+def test_backbone_batchnorm_stays_frozen_while_the_rest_trains(shapes: Path, tmp_path: Path) -> None:
+    config = replace(SMALL, model=replace(SMALL.model, backbone=ResNetConfig(depth=18)))
+    trainer = Trainer(config, shapes, tmp_path, device="cpu")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train(max_epochs=1)
+    after = trainer.model.state_dict()
+    norms = [n for n, m in trainer.model.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    frozen = [k for k in before if any(k.startswith(f"backbone.{n}.") for n in norms)]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["backbone.conv1.weight"], after["backbone.conv1.weight"])
