@@ -45,7 +45,8 @@ def test_predict_over_a_folder_writes_one_pair_per_image(tiny_checkpoint: Path, 
 
 def test_errors_are_one_line_and_exit_code_2(tiny_checkpoint: Path, tmp_path: Path) -> None:
     process = subprocess.run(
-        [sys.executable, "-m", "segscope.cli", "predict", str(tmp_path / "nope.jpg"), "-m", str(tiny_checkpoint)],
+        [sys.executable, "-m", "segscope.cli", "predict", str(tmp_path / "nope.jpg"), "-m", str(tiny_checkpoint),
+         "-o", str(tmp_path / "out")],
         capture_output=True,
         text=True,
     )
