@@ -36,7 +36,7 @@ def test_torch_checkpoint_with_code_is_refused_without_running_it(tmp_path: Path
 
 def test_plain_pickle_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "legacy.pth"
-    path.write_bytes(pickle.dumps({"w": [1, 2, 3]}))
+    path.write_bytes(pickle.dumps({"w": [1, 2, 3]}, protocol=2))
     with pytest.raises(CheckpointError):
         read_weights(path)
 
