@@ -31,7 +31,8 @@ def build_reference(backbone: str) -> Mask2FormerForUniversalSegmentation:
     else:
         backbone_config = ResNetConfig(out_features=STAGES)
     torch.manual_seed(0)
-    return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(backbone_config=backbone_config, num_labels=133)).eval()
+    config = Mask2FormerConfig(backbone_config=backbone_config, num_labels=133)
+    return Mask2FormerForUniversalSegmentation(config).eval()
 
 
 def median_seconds(run, repeats: int) -> float:

@@ -20,7 +20,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
         description="Write an overlay PNG and a JSON of segments (COCO RLE masks) per image.",
     )
     parser.add_argument("source", help="image file, http(s) URL or folder of images")
-    parser.add_argument("--model", "-m", default="demo", help="zoo name, Hub id, directory or checkpoint (default: demo)")
+    parser.add_argument("--model", "-m", default="demo", help="zoo name, Hub id, directory or checkpoint")
     parser.add_argument("--task", "-t", choices=("panoptic", "semantic", "instance"), help="default: the model's task")
     parser.add_argument("--out", "-o", default="segscope_out", help="output directory (default: segscope_out)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -81,7 +81,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         help="train Mask2Former on a COCO-panoptic directory (torchrun for several GPUs)",
         description="Checkpoints go to WORK_DIR/epoch_N.pth after every epoch; --resume continues from the newest.",
     )
-    parser.add_argument("--config", "-c", required=True, help="preset name or JSON file (see segscope.engine.train_config)")
+    parser.add_argument("--config", "-c", required=True, help="preset name or JSON file")
     parser.add_argument("--data", "-d", required=True, help="dataset root (annotations/panoptic_{split}.json, ...)")
     parser.add_argument("--work-dir", "-w", required=True)
     parser.add_argument("--max-epochs", type=int, required=True)

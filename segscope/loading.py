@@ -105,7 +105,8 @@ def read_hf_directory(directory: Path) -> tuple[StateDict, ModelDescription]:
         raise CheckpointError(
             f"{config_path} describes a {hf_config.get('model_type')!r} model; segscope reads mask2former"
         )
-    weights = next((directory / f for f in ("model.safetensors", "pytorch_model.bin") if (directory / f).is_file()), None)
+    candidates = [directory / name for name in ("model.safetensors", "pytorch_model.bin")]
+    weights = next((path for path in candidates if path.is_file()), None)
     if weights is None:
         raise CheckpointError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
     config, class_names = mask2former_config_from_hf(hf_config)

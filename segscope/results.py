@@ -70,7 +70,9 @@ class SegmentationResult(Mapping[str, Any]):
             )
         if self.task == "panoptic":
             seg_map = self.panoptic_seg
-            segments = [(info["id"], info["label"], info["score"] if show_scores else None) for info in self.segments_info]
+            segments = [
+                (info["id"], info["label"], info["score"] if show_scores else None) for info in self.segments_info
+            ]
         else:
             seg_map = self.semantic_seg
             segments = [(int(i), name, None) for i, name in zip(self.label_ids, self.labels)]

@@ -36,7 +36,8 @@ def test_predict_over_a_folder_writes_one_pair_per_image(tiny_checkpoint: Path, 
     for name in ("one.png", "two.jpg"):
         Image.open(picture).convert("RGB").save(images / name)
     out = tmp_path / "out"
-    args = ["predict", str(images), "-m", str(tiny_checkpoint), "-o", str(out), "--task", "instance", "--threshold", "0"]
+    args = ["predict", str(images), "-m", str(tiny_checkpoint), "-o", str(out), "--task", "instance"]
+    args += ["--threshold", "0"]
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["one.json", "one.png", "two.json", "two.png"]
     record = json.loads((out / "two.json").read_text())

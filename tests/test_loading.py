@@ -58,7 +58,8 @@ def test_local_transformers_directory_loads_and_matches_transformers(hf_director
     assert loaded.description.categories.names == ("cat", "dog", "grass")
     _assert_same_outputs(loaded.module, hf_model)
     # Its pipeline runs end to end.
-    result = segscope.pipeline(model=directory, device="cpu")(torch.randint(0, 255, (40, 50, 3), dtype=torch.uint8).numpy())
+    image = torch.randint(0, 255, (40, 50, 3), dtype=torch.uint8).numpy()
+    result = segscope.pipeline(model=directory, device="cpu")(image)
     assert result["panoptic_seg"].shape == (40, 50)
 
 

@@ -134,5 +134,6 @@ def is_segscope_file(path: str | Path) -> bool:
 
 def trainer_payload(state_dict: StateDict, description: ModelDescription, **extra: Any) -> dict[str, Any]:
     """A dict for ``torch.save`` that ``read_model`` understands (trainer checkpoints)."""
-    return {"model": {k: v.detach().cpu() for k, v in state_dict.items()}, "segscope": description.to_metadata(), **extra}
+    weights = {k: v.detach().cpu() for k, v in state_dict.items()}
+    return {"model": weights, "segscope": description.to_metadata(), **extra}
 
