@@ -49,24 +49,28 @@ def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tu
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
+def normalize(images: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """``(images - mean) / std`` in float32 for 0-255 RGB ``images [..., 3, H, W]`` (any dtype)."""
+    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return (images.float() - mean) / std
+
+
 class Preprocessor:
     """Resize, normalize and pad HxWx3 uint8 RGB images into a ``Batch``."""
 
     def __init__(self, cfg: PreprocessConfig) -> None:
         self.cfg = cfg
-        self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, images: Sequence[np.ndarray], device: str | torch.device | None = None) -> Batch:
         """Preprocess ``images`` (HxWx3 uint8 RGB each) on ``device`` (default: CPU)."""
         if len(images) == 0:
             raise ValueError("Preprocessor needs at least one image")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        mean, std = self._mean.to(device), self._std.to(device)
         tensors = []
         for index, image in enumerate(images):
             _check_image(image, index)
-            tensors.append((self._resize(image, device) - mean) / std)
+            tensors.append(normalize(self._resize(image, device), self.cfg))
         padded = self._pad(tensors)
         return Batch(
             images=padded,

@@ -32,6 +32,7 @@ from segscope.engine.train_config import TrainConfig
 from segscope.loading import LoadedModel, load
 from segscope.models import build_model
 from segscope.models.mask2former.criterion import SetCriterion, total_loss
+from segscope.transforms import normalize
 
 
 def _seed_for(*parts: int) -> int:
@@ -133,9 +134,6 @@ class Trainer:
                 f"per process over {self.context.world_size} process(es)"
             )
         self.optimizer = build_optimizer(self.model, config.solver)
-        mean = torch.tensor(config.preprocess.mean, device=self.context.device).view(1, 3, 1, 1)
-        std = torch.tensor(config.preprocess.std, device=self.context.device).view(1, 3, 1, 1)
-        self._normalize = lambda images: (images.float() - mean) / std
         self.use_amp = config.solver.amp and self.context.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.iteration = 0
@@ -186,12 +184,13 @@ class Trainer:
         )
         started = time.perf_counter()
         for images, targets in bar:
-            images = self._normalize(images.to(device, non_blocking=True))
+            images = normalize(images.to(device, non_blocking=True), self.config.preprocess)
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             autocast = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
             with autocast:
                 outputs = self.model(images)
-            losses = self.criterion(_float_outputs(outputs), targets)
+            # The criterion computes in float32 whatever precision autocast left the outputs in.
+            losses = self.criterion(outputs, targets)
             loss = total_loss(losses)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at iteration {self.iteration}")
@@ -275,14 +274,3 @@ def initialise_from(model: torch.nn.Module, source: str | Path) -> list[str]:
         )
     model.load_state_dict(fitting, strict=False)
     return sorted(set(own) - set(fitting))
-
-
-def _float_outputs(outputs: Any) -> Any:
-    """Model outputs in float32 for the losses (autocast leaves them in float16)."""
-    if outputs.class_logits.dtype == torch.float32:
-        return outputs
-    return type(outputs)(
-        class_logits=outputs.class_logits.float(),
-        mask_logits=outputs.mask_logits.float(),
-        aux_outputs=[(c.float(), m.float()) for c, m in outputs.aux_outputs],
-    )
