@@ -58,6 +58,8 @@ class SegmentationPipeline:
         self.preprocessor = Preprocessor(model.description.preprocess)
         self.module = model.module.to(self.device).eval()
         self._is_thing = torch.tensor([c.isthing for c in self.categories.categories], dtype=torch.bool)
+        # A panoptic model's instances are its things; a model of things only keeps them all.
+        self._has_stuff = not bool(self._is_thing.all())
 
     def __call__(
         self, inputs: ImageInput | Sequence[ImageInput], *, progress: bool = False
@@ -102,9 +104,8 @@ class SegmentationPipeline:
             return self._panoptic_result(image, prediction)
         if self.task == "semantic":
             return self._semantic_result(image, postprocess.semantic_inference(class_logits, mask_logits))
-        has_stuff = not bool(is_thing.all())
         prediction = postprocess.instance_inference(
-            class_logits, mask_logits, config.test_topk_per_image, is_thing if has_stuff else None
+            class_logits, mask_logits, config.test_topk_per_image, is_thing if self._has_stuff else None
         )
         return self._instance_result(image, prediction)
 
