@@ -2,6 +2,9 @@
 
 Configs are plain data: the zoo maps a model name to one of these, checkpoint converters
 derive one from a foreign config, and ``models.build_model`` turns one into an ``nn.Module``.
+Every config checks its values when it is made (``ConfigError`` naming the field), so a value
+read from a file (a checkpoint header, a transformers ``config.json``, a training JSON) is
+refused before anything is built from it.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
+
+from segscope.errors import ConfigError
 
 # Mean and std of the ImageNet-pretrained backbones, in 0-255 RGB (detectron2's values).
 IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -21,6 +26,10 @@ class ResNetConfig:
 
     kind: Literal["resnet"] = "resnet"
     depth: int = 50
+
+    def __post_init__(self) -> None:
+        _check_kind(self, "resnet")
+        _check_ints(self, depth=(1, 1000))  # the builder knows which depths exist
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,17 @@ class SwinConfig:
     # Image size the relative position tables were trained at (224 or 384); informative only.
     pretrain_img_size: int = 224
 
+    def __post_init__(self) -> None:
+        _check_kind(self, "swin")
+        _check_ints(self, embed_dim=(1, 4096), window_size=(1, 64), patch_size=(1, 64), pretrain_img_size=(1, 4096))
+        _check_floats(self, mlp_ratio=(0.0, 64.0), drop_path_rate=(0.0, 1.0))
+        if not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"SwinConfig.qkv_bias must be true or false, got {self.qkv_bias!r}")
+        # Values only; the stage structure (4 stages, widths divisible by heads) is checked
+        # by the builder, which knows the architecture.
+        _check_int_tuple(self, "depths", (0, 64))
+        _check_int_tuple(self, "num_heads", (1, 256))
+
 
 BackboneConfig = Union[ResNetConfig, SwinConfig]
 
@@ -52,6 +72,15 @@ class PreprocessConfig:
     size_divisibility: int = 32
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        _check_ints(self, short_side=(1, 16384), max_size=(1, 16384), size_divisibility=(0, 1024))
+        for name, low in (("mean", -1e4), ("std", 1e-6)):
+            value = getattr(self, name)
+            if not (
+                isinstance(value, tuple) and len(value) == 3 and all(_is_number(v) and low <= v <= 1e4 for v in value)
+            ):
+                raise ConfigError(f"PreprocessConfig.{name} must be 3 numbers in [{low:g}, 1e4], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +117,83 @@ class Mask2FormerConfig:
     overlap_threshold: float = 0.8
     test_topk_per_image: int = 100
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.backbone, (ResNetConfig, SwinConfig)):
+            raise ConfigError(
+                f"Mask2FormerConfig.backbone must be a backbone config, got {type(self.backbone).__name__}"
+            )
+        _check_ints(
+            self,
+            num_classes=(1, 100_000),
+            pixel_decoder_dim=(1, 8192),
+            mask_dim=(1, 8192),
+            pixel_decoder_layers=(0, 64),
+            pixel_decoder_ffn_dim=(1, 65536),
+            pixel_decoder_heads=(1, 256),
+            deform_num_points=(1, 64),
+            hidden_dim=(1, 8192),
+            num_queries=(1, 10_000),
+            decoder_layers=(1, 64),
+            decoder_heads=(1, 256),
+            decoder_ffn_dim=(1, 65536),
+            train_num_points=(1, 10_000_000),
+            test_topk_per_image=(1, 100_000),
+        )
+        _check_floats(
+            self,
+            no_object_weight=(0.0, 1e3),
+            class_weight=(0.0, 1e3),
+            mask_weight=(0.0, 1e3),
+            dice_weight=(0.0, 1e3),
+            oversample_ratio=(1.0, 100.0),
+            importance_sample_ratio=(0.0, 1.0),
+            object_mask_threshold=(0.0, 1.0),
+            overlap_threshold=(0.0, 1.0),
+        )
+        for flag in ("pre_norm", "enforce_input_projection"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"Mask2FormerConfig.{flag} must be true or false, got {getattr(self, flag)!r}")
+        for width, heads in (("pixel_decoder_dim", "pixel_decoder_heads"), ("hidden_dim", "decoder_heads")):
+            width_value, heads_value = getattr(self, width), getattr(self, heads)
+            if width_value % heads_value:
+                raise ConfigError(f"Mask2FormerConfig.{width}={width_value} is not divisible by {heads}={heads_value}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_kind(config: Any, kind: str) -> None:
+    if config.kind != kind:
+        raise ConfigError(f"{type(config).__name__}.kind must be {kind!r}, got {config.kind!r}")
+
+
+def _check_ints(config: Any, **ranges: tuple[int, int]) -> None:
+    """Each named field is an int (not a bool) within its inclusive range."""
+    for name, (low, high) in ranges.items():
+        value = getattr(config, name)
+        if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+            raise ConfigError(f"{type(config).__name__}.{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_floats(config: Any, **ranges: tuple[float, float]) -> None:
+    """Each named field is a number within its inclusive range (NaN fails the comparison)."""
+    for name, (low, high) in ranges.items():
+        value = getattr(config, name)
+        if not (_is_number(value) and low <= value <= high):
+            raise ConfigError(f"{type(config).__name__}.{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+
+
+def _check_int_tuple(config: Any, name: str, bounds: tuple[int, int]) -> None:
+    value = getattr(config, name)
+    low, high = bounds
+    if not (
+        isinstance(value, tuple)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in value)
+    ):
+        raise ConfigError(f"{type(config).__name__}.{name} must be integers in [{low}, {high}], got {value!r}")
+
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config as JSON-ready data (nested dataclasses become dicts, tuples lists)."""
@@ -99,12 +205,14 @@ def backbone_config_from_dict(data: dict[str, Any]) -> BackboneConfig:
     kinds: dict[str, type] = {"resnet": ResNetConfig, "swin": SwinConfig}
     kind = data.get("kind")
     if kind not in kinds:
-        raise ValueError(f"unknown backbone kind {kind!r}; expected one of {sorted(kinds)}")
+        raise ConfigError(f"unknown backbone kind {kind!r}; expected one of {sorted(kinds)}")
     return _from_dict(kinds[kind], data)
 
 
 def mask2former_config_from_dict(data: dict[str, Any]) -> Mask2FormerConfig:
     """Inverse of ``config_to_dict`` for a Mask2Former config."""
+    if not isinstance(data, dict) or not isinstance(data.get("backbone"), dict):
+        raise ConfigError(f"a Mask2Former config is an object with a 'backbone' object, got {str(data)[:100]}")
     data = dict(data)
     backbone = backbone_config_from_dict(data.pop("backbone"))
     return _from_dict(Mask2FormerConfig, data, backbone=backbone)
@@ -114,7 +222,7 @@ def _from_dict(cls: type, data: dict[str, Any], **overrides: Any) -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        raise ConfigError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     values.update(overrides)
     return cls(**values)

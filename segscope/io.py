@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import io
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import IO, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from segscope.errors import ImageLoadError
+from segscope.errors import ImageLoadError, InputNotFoundError
+from segscope.net import download
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
 DEFAULT_MAX_PIXELS = 100_000_000
+# An encoded image larger than this is refused while downloading (a 100 MP PNG is ~300 MB).
+MAX_DOWNLOAD_BYTES = 512 * 1024 * 1024
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
 # Modes Pillow converts to RGB without losing information that matters for segmentation.
@@ -31,17 +32,24 @@ _CONVERTIBLE_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA"})
 
 
-def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, timeout: float = 10.0) -> np.ndarray:
+def load_image(
+    source: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    timeout: float = 10.0,
+    deadline: float = 60.0,
+) -> np.ndarray:
     """Load ``source`` as an HxWx3 uint8 RGB array (C-contiguous, never a view of the input).
 
     Args:
         source: a path, an http(s) URL, encoded image bytes, a PIL image, or a numpy array
             (HxWx3 uint8 RGB, or HxW / HxWx1 uint8 grayscale).
         max_pixels: images with more pixels than this are refused before being decoded.
-        timeout: seconds to wait on the network for a URL.
+        timeout: seconds a URL's server may take to answer each read.
+        deadline: seconds a URL's whole download may take (``MAX_DOWNLOAD_BYTES`` at most).
 
     Raises:
-        FileNotFoundError: a path that does not exist.
+        InputNotFoundError: a path that does not exist (a ``FileNotFoundError``).
         ImageLoadError: anything else wrong with the image (corrupt, truncated, too large,
             transparent, high bit depth, unreachable URL); the message names the source.
         TypeError: a source of an unsupported type.
@@ -56,7 +64,12 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, tim
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if isinstance(text, str) and _is_url(text):
-            return _open_and_decode(io.BytesIO(_download(text, timeout)), text, max_pixels)
+            body = io.BytesIO()
+            download(
+                text, body, error=ImageLoadError, timeout=timeout, deadline=deadline, max_bytes=MAX_DOWNLOAD_BYTES
+            )
+            body.seek(0)
+            return _open_and_decode(body, text, max_pixels)
         return _load_file(Path(text), max_pixels)
     raise TypeError(
         f"cannot load an image from {type(source).__name__}; expected a path, URL, bytes, "
@@ -74,14 +87,14 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     """The image files directly inside ``folder``, sorted by name (hidden files skipped).
 
     Raises:
-        FileNotFoundError / NotADirectoryError: ``folder`` is missing or not a folder.
-        ImageLoadError: the folder holds no image file.
+        InputNotFoundError: ``folder`` does not exist.
+        ImageLoadError: ``folder`` is not a folder or holds no image file.
     """
     folder = Path(folder)
     if not folder.exists():
-        raise FileNotFoundError(f"no such folder: {folder}")
+        raise InputNotFoundError(f"no such folder: {folder}")
     if not folder.is_dir():
-        raise NotADirectoryError(f"not a folder: {folder}")
+        raise ImageLoadError(f"not a folder: {folder}")
     # Hidden files include macOS "._name.jpg" resource forks, which are not images.
     images = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_image_file(p))
     if not images:
@@ -93,24 +106,9 @@ def _is_url(text: str) -> bool:
     return text.lower().startswith(("http://", "https://"))
 
 
-def _download(url: str, timeout: float) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "segscope"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
-    except urllib.error.HTTPError as error:
-        raise ImageLoadError(f"could not download {url}: HTTP {error.code} {error.reason}") from error
-    except urllib.error.URLError as error:
-        raise ImageLoadError(f"could not reach {url}: {error.reason}") from error
-    except TimeoutError as error:
-        raise ImageLoadError(f"timed out after {timeout} s downloading {url}") from error
-    except (OSError, ValueError) as error:
-        raise ImageLoadError(f"could not download {url}: {error}") from error
-
-
 def _load_file(path: Path, max_pixels: int) -> np.ndarray:
     if not path.exists():
-        raise FileNotFoundError(f"no such image file: {path}")
+        raise InputNotFoundError(f"no such image file: {path}")
     if path.is_dir():
         raise ImageLoadError(f"{path} is a folder, not an image file (use list_images to read a folder)")
     # Opened outside the decoding try-block so permission errors surface as themselves.

@@ -21,7 +21,7 @@ from segscope.checkpoints.safe_load import StateDict, load_state_dict_strict, re
 from segscope.checkpoints.segscope_format import ModelDescription, is_segscope_file, read_model
 from segscope.config import PreprocessConfig
 from segscope.data.categories import COCO_PANOPTIC, CategorySet, get_category_set
-from segscope.errors import CheckpointError
+from segscope.errors import CheckpointError, InputNotFoundError
 from segscope.models import build_model
 from segscope.zoo import ZooEntry, get_entry, list_models
 
@@ -65,7 +65,7 @@ def _resolve(model: str | os.PathLike[str]) -> tuple[StateDict, ModelDescription
     if _HUB_ID.match(spec) and not path.suffix:
         return *read_hf_directory(download.fetch_hub_directory(spec)), spec
     if path.suffix or os.sep in spec:
-        raise FileNotFoundError(f"model file or directory not found: {spec}")
+        raise InputNotFoundError(f"model file or directory not found: {spec}")
     raise CheckpointError(f"unknown model {spec!r}; zoo models: {', '.join(list_models())}")
 
 
@@ -82,7 +82,7 @@ def _load_zoo_entry(entry: ZooEntry) -> tuple[StateDict, ModelDescription]:
     if source.format == "detectron2":
         from segscope.checkpoints.detectron2 import convert_detectron2_mask2former, read_detectron2_pickle
 
-        raw = read_detectron2_pickle(download.fetch_url(source.url))
+        raw = read_detectron2_pickle(download.fetch_url(source.url, sha256=source.sha256))
         description = ModelDescription(
             entry.config, get_category_set(entry.categories), entry.preprocess, entry.default_task
         )
@@ -101,6 +101,9 @@ def read_hf_directory(directory: Path) -> tuple[StateDict, ModelDescription]:
         hf_config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(hf_config, dict):
+        kind = type(hf_config).__name__
+        raise CheckpointError(f"{config_path} holds a JSON {kind}, not a transformers config object")
     if hf_config.get("model_type") != "mask2former":
         raise CheckpointError(
             f"{config_path} describes a {hf_config.get('model_type')!r} model; segscope reads mask2former"
@@ -109,7 +112,10 @@ def read_hf_directory(directory: Path) -> tuple[StateDict, ModelDescription]:
     weights = next((path for path in candidates if path.is_file()), None)
     if weights is None:
         raise CheckpointError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
-    config, class_names = mask2former_config_from_hf(hf_config)
+    try:
+        config, class_names = mask2former_config_from_hf(hf_config)
+    except (KeyError, TypeError, ValueError) as error:  # ValueError covers ConfigError and CheckpointError
+        raise CheckpointError(f"{config_path}: {error}") from error
     description = ModelDescription(config, _categories_for(class_names), PreprocessConfig())
     return convert_hf_mask2former(read_weights(weights)), description
 

@@ -16,13 +16,15 @@ class WeightSource:
     """Where a model's weights live and in which format.
 
     Exactly one of ``hub_id`` (a Hugging Face repository), ``url`` or ``package_file`` (a
-    file shipped inside segscope) is set.
+    file shipped inside segscope) is set. ``sha256``, when known, is checked after a URL
+    download (a mismatch is refused before the file enters the cache).
     """
 
     format: WeightFormat
     hub_id: str | None = None
     url: str | None = None
     package_file: str | None = None
+    sha256: str | None = None
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.hub_id, self.url, self.package_file)) != 1:

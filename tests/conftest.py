@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny models saved in segscope's format, synthetic pictures."""
+"""Shared fixtures: tiny models saved in segscope's format, synthetic pictures, a local HTTP server."""
 
 from __future__ import annotations
 
 import os
 import random
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +75,87 @@ def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Image.fromarray(image).save(path)
     return path
 
+
+
+# A local HTTP server whose routes misbehave on purpose ------------------------------------------
+
+Route = Callable[[BaseHTTPRequestHandler], None]
+
+
+def serve_bytes(body: bytes, *, status: int = 200) -> Route:
+    """A route answering ``body`` with its Content-Length."""
+
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return route
+
+
+def trickle(body: bytes, interval_s: float) -> Route:
+    """A route sending ``body`` one byte per ``interval_s`` (each read is quick, the whole is not)."""
+
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        for byte in body:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            if handler.server.stopping.wait(interval_s):
+                return
+
+    return route
+
+
+def drop_after(body: bytes, sent: int) -> Route:
+    """A route announcing ``body`` but closing the connection after ``sent`` bytes."""
+
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[:sent])
+        handler.wfile.flush()
+        handler.close_connection = True
+
+    return route
+
+
+def never_answer(handler: BaseHTTPRequestHandler) -> None:
+    """A route that accepts the request and stays silent until the server stops."""
+    handler.server.stopping.wait(30)
+
+
+@pytest.fixture()
+def http_server() -> Iterator[Callable[[dict[str, Route]], str]]:
+    """``start(routes)`` serves ``{path: route}`` on 127.0.0.1 and returns the base URL; other
+    paths answer 404. Everything is stopped (silent routes released) when the test ends."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(routes: dict[str, Route]) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                route = routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                else:
+                    route(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        server.stopping = threading.Event()
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()

@@ -289,5 +289,5 @@ def test_list_images_refuses_empty_missing_and_non_folders(tmp_path: Path) -> No
         list_images(tmp_path)
     with pytest.raises(FileNotFoundError, match="missing"):
         list_images(tmp_path / "missing")
-    with pytest.raises(NotADirectoryError, match=r"notes\.txt"):
+    with pytest.raises(ImageLoadError, match=r"not a folder: .*notes\.txt"):
         list_images(tmp_path / "notes.txt")

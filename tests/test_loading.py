@@ -115,12 +115,13 @@ def test_url_to_a_segscope_checkpoint_downloads_once(tiny_checkpoint: Path, file
     monkeypatch.setenv("SEGSCOPE_CACHE", str(cache))
     model = segscope.load_model(f"{base}/tiny.safetensors")
     assert isinstance(model, torch.nn.Module)
-    assert (cache / "downloads" / "tiny.safetensors").is_file()
+    assert download.url_cache_path(f"{base}/tiny.safetensors").is_file()
+    assert download.url_cache_path(f"{base}/tiny.safetensors").name == "tiny.safetensors"
 
 
 def test_unreachable_url_is_a_checkpoint_error(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SEGSCOPE_CACHE", str(tmp_path))
-    with pytest.raises(CheckpointError, match="cannot download"):
+    with pytest.raises(CheckpointError, match="could not reach http://127.0.0.1:9/model.safetensors"):
         load("http://127.0.0.1:9/model.safetensors")
 
 
@@ -140,6 +141,30 @@ def test_bad_model_values_name_the_problem(tmp_path: Path, hf_directory) -> None
     (broken / "config.json").write_text(json.dumps({"model_type": "detr"}))
     with pytest.raises(CheckpointError, match="'detr' model"):
         load(broken)
+    (broken / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(CheckpointError, match="holds a JSON list, not a transformers config object"):
+        load(broken)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("num_queries", -1, "num_queries must be an integer"),
+        ("hidden_dim", 10**8, "hidden_dim must be an integer"),
+        ("decoder_layers", "ten", "unsupported operand|decoder_layers"),
+        ("id2label", ["cat"], "id2label must map class indices to names, got a list"),
+    ],
+)
+def test_transformers_config_values_are_checked_before_building(
+    hf_directory, tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    directory, _ = hf_directory
+    config = json.loads((directory / "config.json").read_text())
+    config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=rf"config\.json: .*({message})"):
+        load(tmp_path)
 
 
 def test_truncated_transformers_weights_are_refused(hf_directory, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from segscope.checkpoints.renaming import compile_rules, rename_key
 from segscope.checkpoints.safe_load import extract_state_dict, read_torch_file
-from segscope.errors import CheckpointError
+from segscope.errors import CheckpointError, InputNotFoundError
 
 StateDict = dict[str, Tensor]
 
@@ -97,7 +97,7 @@ def read_detectron2_pickle(path: str | Path) -> StateDict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise InputNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".pkl" and not zipfile.is_zipfile(path):
         return _arrays_to_tensors(_unpickle_arrays(path), path)
     # detectron2's own training checkpoints are torch files: {"model": ..., "optimizer": ...}.

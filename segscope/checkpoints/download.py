@@ -6,15 +6,24 @@ a hint on how to use a local copy instead.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import urllib.error
 import urllib.parse
 from pathlib import Path
+from typing import IO
 
 from segscope.errors import CheckpointError
+from segscope.fileio import atomic_write
+from segscope.net import download
 
 # Files of a transformers model directory that segscope reads.
 HF_FILES = ["config.json", "model.safetensors", "pytorch_model.bin"]
+
+# URL downloads: a silent server is given up after READ_TIMEOUT_S, any download after
+# DEADLINE_S (hours: checkpoints reach gigabytes over slow links), any body over MAX_BYTES.
+READ_TIMEOUT_S = 60.0
+DEADLINE_S = 4 * 3600.0
+MAX_BYTES = 8 * 1024**3
 
 
 def cache_dir() -> Path:
@@ -37,21 +46,42 @@ def fetch_hub_directory(repo_id: str, revision: str | None = None) -> Path:
     return Path(local)
 
 
-def fetch_url(url: str, filename: str | None = None) -> Path:
-    """Download ``url`` into the cache once and return the local path."""
-    import torch.hub
-
+def url_cache_path(url: str, filename: str | None = None) -> Path:
+    """Where ``fetch_url`` keeps ``url``: ``downloads/<hash of the whole URL>/<file name>``."""
     name = filename or Path(urllib.parse.urlparse(url).path).name or "checkpoint"
-    target = cache_dir() / "downloads" / name
+    return cache_dir() / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+
+
+def fetch_url(url: str, filename: str | None = None, sha256: str | None = None) -> Path:
+    """Download ``url`` into the cache once and return the local path.
+
+    The cache entry is keyed by the whole URL (two URLs ending in the same file name are two
+    entries). The body goes to a temporary file and is renamed into the cache only when it
+    arrived complete and, if ``sha256`` is given, with that digest, so an interrupted or wrong
+    download never poisons later loads.
+    """
+    target = url_cache_path(url, filename)
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(stream: IO[bytes]) -> None:
+        digest = download(
+            url,
+            stream,
+            error=CheckpointError,
+            timeout=READ_TIMEOUT_S,
+            deadline=DEADLINE_S,
+            max_bytes=MAX_BYTES,
+            progress=True,
+        )
+        if sha256 is not None and digest != sha256.lower():
+            raise CheckpointError(f"{url} has sha256 {digest}, expected {sha256}: a different or damaged file")
+
     try:
-        # Writes to a temporary file and renames, so an interrupted download leaves no partial file.
-        torch.hub.download_url_to_file(url, str(target), progress=True)
-    except (urllib.error.URLError, OSError, ValueError) as error:
+        atomic_write(target, write)
+    except CheckpointError as error:
         raise CheckpointError(
-            f"cannot download {url} ({error}). If this machine is offline, download the file "
-            f"elsewhere and pass its local path as model=... (or put it at {target})"
+            f"{error}. If this machine is offline, download the file elsewhere and pass its local "
+            f"path as model=... (or put it at {target})"
         ) from error
     return target

@@ -124,7 +124,10 @@ def mask2former_config_from_hf(hf_config: dict[str, Any]) -> tuple[Mask2FormerCo
         if value != supported:
             raise CheckpointError(f"Mask2Former {name}={value!r} is not supported (only {supported!r})")
 
-    id2label = {int(index): name for index, name in (hf_config.get("id2label") or {}).items()}
+    raw_labels = hf_config.get("id2label") or {}
+    if not isinstance(raw_labels, dict):
+        raise CheckpointError(f"id2label must map class indices to names, got a {type(raw_labels).__name__}")
+    id2label = {int(index): str(name) for index, name in raw_labels.items()}
     if not id2label or sorted(id2label) != list(range(len(id2label))):
         raise CheckpointError(f"id2label must name classes 0..C-1, got indices {sorted(id2label)}")
     class_names = [id2label[index] for index in range(len(id2label))]

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from segscope.errors import CheckpointError
+from segscope.errors import CheckpointError, InputNotFoundError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -35,7 +35,7 @@ def read_weights(path: str | Path) -> StateDict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise InputNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         try:
             return load_safetensors(str(path))

@@ -9,8 +9,6 @@ weights and are read through ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,8 @@ from segscope.config import (
     mask2former_config_from_dict,
 )
 from segscope.data.categories import Category, CategorySet
-from segscope.errors import CheckpointError
+from segscope.errors import CheckpointError, InputNotFoundError
+from segscope.fileio import atomic_path
 
 FORMAT_NAME = "segscope"
 FORMAT_VERSION = "1"
@@ -90,16 +89,9 @@ def categories_from_list(records: list[dict[str, Any]]) -> CategorySet:
 def save_model(path: str | Path, state_dict: StateDict, description: ModelDescription) -> Path:
     """Write weights and description to ``path`` (a ``.safetensors`` file), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        save_file(tensors, str(tmp_path), metadata=description.to_metadata())
-        os.chmod(tmp_path, 0o644)  # NamedTemporaryFile creates files readable by the owner only
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=description.to_metadata())
     return path
 
 
@@ -107,7 +99,7 @@ def read_model(path: str | Path) -> tuple[StateDict, ModelDescription]:
     """Read a segscope ``.safetensors`` model or a trainer ``.pth`` checkpoint."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise InputNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as handle:

@@ -8,9 +8,7 @@ the global iteration. Randomness needs no saved state: every epoch reseeds from
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 
 from segscope.checkpoints.safe_load import read_torch_file
 from segscope.errors import CheckpointError
+from segscope.fileio import atomic_path
 
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pth$")
 
@@ -28,19 +27,13 @@ def epoch_path(work_dir: Path, epoch: int) -> Path:
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename over it.
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it.
 
-    A crash mid-write leaves the previous checkpoint intact, never a truncated one.
+    A crash mid-write leaves the previous checkpoint intact, never a truncated one; the
+    abandoned temporary file is removed by the next save of that path.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        torch.save(payload, tmp_path)
-        os.chmod(tmp_path, 0o644)  # NamedTemporaryFile creates files readable by the owner only
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
 
 
 def latest_checkpoint(work_dir: Path) -> Path | None:

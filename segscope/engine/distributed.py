@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from segscope.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -35,12 +37,13 @@ def setup(device: str | None = None) -> DistributedContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
+    chosen = resolve_device(device)
+    use_cuda = chosen.type == "cuda"
+    if use_cuda and (world_size > 1 or chosen.index is None):
+        # Under torchrun each process owns the GPU of its local rank, whatever index was asked.
         chosen = torch.device("cuda", local_rank)
-    else:
-        chosen = torch.device(device or "cpu")
+    if use_cuda:
+        torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistributedContext(rank, world_size, local_rank, chosen)

@@ -22,6 +22,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from segscope.errors import InputNotFoundError
 from segscope.evaluation.distributed import all_gather_objects
 from segscope.evaluation.rle import masks_to_rle
 from segscope.evaluation.table import format_table
@@ -190,7 +191,7 @@ def _load_gt(gt: Mapping[str, Any] | str | os.PathLike, iou_types: Sequence[str]
     if isinstance(gt, (str, os.PathLike)):
         path = Path(gt)
         if not path.is_file():
-            raise FileNotFoundError(f"COCO ground truth not found: {path}")
+            raise InputNotFoundError(f"COCO ground truth not found: {path}")
         with path.open() as f:
             data = json.load(f)
     elif isinstance(gt, Mapping):

@@ -580,13 +580,15 @@ def test_missing_file_is_file_not_found(tmp_path: Path) -> None:
 def test_r50_zoo_model_loads_offline_from_the_download_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, r50_state: StateDict
 ) -> None:
+    from segscope.checkpoints.download import url_cache_path
     from segscope.loading import load
+    from segscope.zoo import get_entry
 
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
-    arrays = {key: value.numpy() for key, value in r50_state.items()}
-    _write_pickle(downloads / "model_final_94dc52.pkl", _zoo_payload(arrays))
     monkeypatch.setenv("SEGSCOPE_CACHE", str(tmp_path))
+    cached = url_cache_path(get_entry("mask2former-r50-coco-panoptic").source.url)
+    cached.parent.mkdir(parents=True)
+    arrays = {key: value.numpy() for key, value in r50_state.items()}
+    _write_pickle(cached, _zoo_payload(arrays))
 
     loaded = load("mask2former-r50-coco-panoptic")
 
