@@ -17,20 +17,42 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "predict",
         help="segment an image, a URL or a folder of images",
-        description="Write an overlay PNG and a JSON of segments (COCO RLE masks) per image.",
+        description="Write the results of each image in the chosen formats. Nothing is written over an input; "
+        "files of an earlier run are replaced only with --overwrite. An unreadable image in a folder is "
+        "reported and skipped, and the command then exits with status 1.",
     )
     parser.add_argument("source", help="image file, http(s) URL or folder of images")
     parser.add_argument("--model", "-m", default="demo", help="zoo name, Hub id, directory or checkpoint")
     parser.add_argument("--task", "-t", choices=("panoptic", "semantic", "instance"), help="default: the model's task")
     parser.add_argument("--out", "-o", default="segscope_out", help="output directory (default: segscope_out)")
+    parser.add_argument(
+        "--format",
+        "-f",
+        default="overlay,json",
+        help="comma-separated, from: overlay (S.png), json (S.json), coco-results (coco_results.json, instance), "
+        "coco-panoptic (panoptic/S.png + panoptic.json, panoptic), label-png (labels/S.png, semantic); "
+        "default: overlay,json",
+    )
+    parser.add_argument(
+        "--coco-json", help="a COCO JSON whose images[] give the image ids of coco-results / coco-panoptic "
+        "(default: numeric file names, as in COCO, are the ids)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace output files left by an earlier run")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--threshold", type=float, default=0.5, help="instance task: minimum score")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="lowest score kept: instance (default 0.5) and panoptic (default: the model's object-mask "
+        "threshold); not used by the semantic task",
+    )
     parser.add_argument("--no-scores", action="store_true", help="leave scores out of the pictures")
     parser.set_defaults(run=_predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from segscope.errors import ImageLoadError, InputNotFoundError
+    from segscope.export import NEEDS_IMAGE_IDS, PredictionWriter, parse_formats, unique_stems
     from segscope.io import list_images
     from segscope.pipeline import pipeline
 
@@ -42,22 +64,66 @@ def _predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         threshold=args.threshold,
     )
+    formats = parse_formats(args.format, segmenter.task)
     source = Path(args.source)
+    sources: list = [args.source]
+    inputs: list[Path] = []
     if source.is_dir():
-        sources: list = list_images(source)
-        names = [p.stem for p in sources]
+        sources = inputs = list_images(source)
+        names = [p.name for p in sources]
+    elif args.source.lower().startswith(("http://", "https://")):
+        names = [Path(args.source.split("?")[0]).name or "image"]
+    elif source.exists():
+        inputs, names = [source], [source.name]
     else:
-        sources = [args.source]
-        names = [Path(args.source.split("?")[0]).stem or "image"]
+        raise InputNotFoundError(f"no such image file or folder: {source}")
+    image_ids = _image_ids(names, args.coco_json) if NEEDS_IMAGE_IDS.intersection(formats) else None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = segmenter.iter_results(sources, progress=len(sources) > 1)
-    for name, source_item, result in zip(names, sources, results):
-        result.draw(show_scores=not args.no_scores).save(out / f"{name}.png")
-        record = {"source": str(source_item), "model": segmenter.model.name, **result.to_json()}
-        (out / f"{name}.json").write_text(json.dumps(record))
-    print(f"wrote {len(names)} result(s) to {out}")
+    writer = PredictionWriter(
+        out, formats, unique_stems(names), inputs, image_ids, segmenter.categories, overwrite=args.overwrite
+    )
+    failed = 0
+    for index, outcome in segmenter.iter_outcomes(sources, progress=len(sources) > 1):
+        if isinstance(outcome, ImageLoadError):
+            if len(sources) == 1:
+                raise outcome
+            failed += 1
+            print(f"segscope: skipped: {outcome}", file=sys.stderr)
+            continue
+        writer.write(index, str(sources[index]), segmenter.model.name, outcome)
+    writer.finish()
+    print(f"wrote {len(sources) - failed} result(s) to {out}")
+    if failed:
+        print(f"segscope: {failed} of {len(sources)} image(s) could not be read and were skipped", file=sys.stderr)
+        return 1
     return 0
+
+
+def _image_ids(names: list[str], coco_json: str | None) -> list[int]:
+    """COCO image ids of input files: from ``coco_json``'s images[], else numeric file names."""
+    from segscope.errors import AnnotationError, InputNotFoundError, OptionError
+
+    if coco_json is None:
+        stems = [Path(name).stem for name in names]
+        if not all(stem.isdigit() for stem in stems):
+            odd = next(name for name, stem in zip(names, stems) if not stem.isdigit())
+            raise OptionError(
+                f"{odd} has no numeric name to serve as its COCO image id; pass --coco-json with the "
+                "dataset's annotation file"
+            )
+        return [int(stem) for stem in stems]
+    path = Path(coco_json)
+    if not path.is_file():
+        raise InputNotFoundError(f"no such COCO JSON: {path}")
+    try:
+        images = json.loads(path.read_text())["images"]
+        ids = {Path(image["file_name"]).name: int(image["id"]) for image in images}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise AnnotationError(f"{path}: cannot read images[].file_name / id: {error!r}") from error
+    missing = [name for name in names if name not in ids]
+    if missing:
+        raise OptionError(f"{path} lists no image named {missing[0]} ({len(missing)} input(s) unlisted)")
+    return [ids[name] for name in names]
 
 
 def _add_models(commands: argparse._SubParsersAction) -> None:
@@ -156,11 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``segscope`` command; errors print one line, not a traceback."""
+    """Entry point of the ``segscope`` command.
+
+    segscope's own errors (bad input, see ``segscope.errors``) print one line and exit 2; any
+    other exception is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (SegscopeError, FileNotFoundError, ValueError) as error:
+    except SegscopeError as error:
         print(f"segscope: error: {error}", file=sys.stderr)
         return 2
 

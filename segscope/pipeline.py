@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from segscope.devices import resolve_device
+from segscope.errors import ImageLoadError, OptionError
 from segscope.io import list_images, load_image
 from segscope.loading import LoadedModel, load
 from segscope.models.mask2former import postprocess
@@ -33,7 +35,11 @@ class SegmentationPipeline:
         task: "panoptic", "semantic" or "instance"; defaults to the model's own task.
         device: "cpu", "cuda", ...; defaults to CUDA when available.
         batch_size: images per forward pass when given a list or a folder.
-        threshold: instance task only; instances scoring below it are dropped.
+        threshold: the lowest score a segment may have. Instance task: instances scoring below
+            it are dropped (default 0.5). Panoptic task: the object-mask threshold of the
+            post-processing, queries scoring at or below it take no pixels (default: the
+            model's own, 0.8 for the published models). The semantic task keeps every pixel's
+            winning class and refuses a threshold.
     """
 
     def __init__(
@@ -42,18 +48,18 @@ class SegmentationPipeline:
         task: str | None = None,
         device: str | torch.device | None = None,
         batch_size: int = 1,
-        threshold: float = 0.5,
+        threshold: float | None = None,
     ) -> None:
         task = task or model.description.default_task
         if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+            raise OptionError(f"unknown task {task!r}; expected one of {TASKS}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise OptionError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.task = task
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.batch_size = batch_size
-        self.threshold = threshold
+        self.threshold = _task_threshold(task, threshold, model.description.config.object_mask_threshold)
         self.categories = model.description.categories
         self.preprocessor = Preprocessor(model.description.preprocess)
         self.module = model.module.to(self.device).eval()
@@ -72,13 +78,33 @@ class SegmentationPipeline:
         return list(self.iter_results(inputs, progress=progress))
 
     def iter_results(self, inputs: Sequence[ImageInput], progress: bool = True) -> Iterator[SegmentationResult]:
-        """Segment ``inputs`` batch by batch, yielding one result per image as it is ready."""
+        """Segment ``inputs`` batch by batch, yielding one result per image as it is ready.
+
+        The first image that cannot be read raises its ``ImageLoadError``.
+        """
+        for _, outcome in self.iter_outcomes(inputs, progress=progress):
+            if isinstance(outcome, ImageLoadError):
+                raise outcome
+            yield outcome
+
+    def iter_outcomes(
+        self, inputs: Sequence[ImageInput], progress: bool = True
+    ) -> Iterator[tuple[int, SegmentationResult | ImageLoadError]]:
+        """Like ``iter_results``, but an image that cannot be read does not stop the run: yields
+        ``(index into inputs, result)``, or ``(index, the ImageLoadError)`` for an unreadable one."""
         with tqdm(total=len(inputs), disable=not progress, unit="img") as bar:
             for start in range(0, len(inputs), self.batch_size):
-                chunk = inputs[start : start + self.batch_size]
-                for result in self._run_batch([load_image(item) for item in chunk]):
+                loaded: list[tuple[int, np.ndarray]] = []
+                for index in range(start, min(start + self.batch_size, len(inputs))):
+                    try:
+                        loaded.append((index, load_image(inputs[index])))
+                    except ImageLoadError as error:
+                        bar.update()
+                        yield index, error
+                results = self._run_batch([image for _, image in loaded]) if loaded else []
+                for (index, _), result in zip(loaded, results):
                     bar.update()
-                    yield result
+                    yield index, result
 
     @torch.inference_mode()
     def _run_batch(self, images: list[np.ndarray]) -> list[SegmentationResult]:
@@ -99,7 +125,7 @@ class SegmentationPipeline:
         is_thing = self._is_thing.to(class_logits.device)
         if self.task == "panoptic":
             prediction = postprocess.panoptic_inference(
-                class_logits, mask_logits, is_thing, config.object_mask_threshold, config.overlap_threshold
+                class_logits, mask_logits, is_thing, self.threshold, config.overlap_threshold
             )
             return self._panoptic_result(image, prediction)
         if self.task == "semantic":
@@ -184,9 +210,25 @@ def pipeline(
     or an already loaded model; ``options`` go to ``SegmentationPipeline``.
     """
     if task_name != "image-segmentation":
-        raise ValueError(f"unsupported pipeline {task_name!r}; segscope provides 'image-segmentation'")
+        raise OptionError(f"unsupported pipeline {task_name!r}; segscope provides 'image-segmentation'")
     loaded = model if isinstance(model, LoadedModel) else load(model)
     return SegmentationPipeline(loaded, task=task, **options)
+
+
+def _task_threshold(task: str, threshold: float | None, object_mask_threshold: float) -> float | None:
+    """The score threshold the task applies (see ``SegmentationPipeline``)."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise OptionError(f"threshold must lie in [0, 1] (it is a score), got {threshold}")
+    if task == "semantic":
+        if threshold is not None:
+            raise OptionError(
+                "the semantic task assigns every pixel its best class and has no score threshold; "
+                "leave threshold unset (it applies to the panoptic and instance tasks)"
+            )
+        return None
+    if threshold is not None:
+        return threshold
+    return object_mask_threshold if task == "panoptic" else 0.5
 
 
 def _is_folder(inputs: Any) -> bool:

@@ -36,7 +36,8 @@ def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tu
     """(h, w) after scaling the short side to ``short_side``, capping the long side at ``max_size``.
 
     Same float operations, in the same order, as detectron2's ``ResizeShortestEdge``, so that
-    sizes landing on exactly x.5 round (half up) the same way.
+    sizes landing on exactly x.5 round (half up) the same way. Unlike detectron2, no side
+    rounds down to 0: an image of extreme aspect ratio (3 x 5000) keeps at least one row.
     """
     scale = short_side / min(height, width)
     if height < width:
@@ -46,7 +47,7 @@ def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tu
     if max(new_h, new_w) > max_size:
         cap = max_size / max(new_h, new_w)
         new_h, new_w = new_h * cap, new_w * cap
-    return int(new_h + 0.5), int(new_w + 0.5)
+    return max(int(new_h + 0.5), 1), max(int(new_w + 0.5), 1)
 
 
 def normalize(images: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:

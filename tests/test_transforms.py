@@ -116,3 +116,19 @@ def test_sliding_windows_refuse_gaps_and_non_positive_sizes() -> None:
         sliding_windows(100, 100, 32, 48)
     with pytest.raises(ValueError, match="positive"):
         sliding_windows(100, 100, 0, 0)
+
+
+@pytest.mark.parametrize("size", [(1, 4000), (4000, 1), (2, 7000)])
+def test_extreme_aspect_ratios_keep_at_least_one_pixel_per_side(size: tuple[int, int]) -> None:
+    # detectron2's arithmetic gives a short side of 1333 / 4000 = 0.33, rounded to 0, which torch refuses.
+    height, width = resized_shape(*size, 800, 1333)
+    assert min(height, width) == 1 and max(height, width) == 1333
+
+
+def test_a_3x5000_image_segments_at_its_own_size(tiny_checkpoint) -> None:
+    import segscope
+
+    # The tiny model caps the long side at 128: the short side would be 128 * 3 / 5000 = 0.08.
+    image = np.random.default_rng(0).integers(0, 256, (3, 5000, 3), dtype=np.uint8)
+    result = segscope.pipeline(model=tiny_checkpoint, device="cpu", task="semantic")(image)
+    assert result["semantic_seg"].shape == (3, 5000)

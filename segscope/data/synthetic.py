@@ -35,6 +35,7 @@ from pycocotools import mask as mask_utils
 
 from segscope.data.annotations import MAX_SEGMENT_ID
 from segscope.data.categories import Category, CategorySet
+from segscope.data.panoptic_png import id_to_rgb
 from segscope.evaluation.rle import masks_to_rle
 
 # Category colours are also the colours things are painted in and stuff textures are made of.
@@ -276,7 +277,7 @@ class _SplitWriter:
         Image.fromarray(scene.image).save(self.root / self.split / f"{stem}.png")
         self.images.append({"id": image_id, "file_name": f"{stem}.png", "height": height, "width": width})
         if "panoptic" in self.kinds:
-            Image.fromarray(_id_to_rgb(scene.pan_seg)).save(self.root / f"panoptic_{self.split}" / f"{stem}.png")
+            Image.fromarray(id_to_rgb(scene.pan_seg)).save(self.root / f"panoptic_{self.split}" / f"{stem}.png")
             self.panoptic.append(
                 {
                     "image_id": image_id,
@@ -373,8 +374,3 @@ def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
     if flat[0]:
         counts = [0, *counts]
     return {"size": list(mask.shape), "counts": counts}
-
-
-def _id_to_rgb(pan_seg: np.ndarray) -> np.ndarray:
-    """``[H, W]`` segment ids as the ``[H, W, 3]`` uint8 colours of a COCO panoptic PNG."""
-    return np.stack([pan_seg % 256, pan_seg // 256 % 256, pan_seg // 256**2], axis=-1).astype(np.uint8)
