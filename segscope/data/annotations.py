@@ -1,7 +1,8 @@
 """Reading and checking COCO annotation JSON (panoptic and instances) into typed records.
 
 Every record is checked once, on load: required keys, types, image ids that exist, category
-ids that are declared, ``bbox`` as ``[x, y, w, h]``, the segmentation format. The first bad
+ids that are declared, ``bbox`` as ``[x, y, w, h]``, the segmentation format, and (instances)
+boxes and polygons inside their image, give or take a pixel. The first bad
 record raises ``AnnotationError`` naming the file, the record's position (and id) and what
 is wrong, e.g. ``panoptic_val.json: annotations[3] (image_id 42): segments_info[1] (id 7):
 unknown category_id 999``.
@@ -17,10 +18,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from segscope.data.categories import Category, CategorySet, generate_colors
-from segscope.errors import AnnotationError
+from segscope.errors import AnnotationError, InputNotFoundError
 
 # Panoptic PNGs store a segment id in 24 bits: id = R + 256 G + 256^2 B; 0 is VOID.
 MAX_SEGMENT_ID = 256**3 - 1
+# How far (pixels) a box or polygon may reach past the image border: COCO's own annotations
+# overshoot by fractions of a pixel.
+BORDER_TOLERANCE = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,12 +75,12 @@ def read_json(path: str | Path) -> Any:
     """The parsed content of a JSON file.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        InputNotFoundError: ``path`` does not exist (a ``FileNotFoundError``).
         AnnotationError: the file is not valid JSON (the message gives line and column).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such annotation file: {path}")
+        raise InputNotFoundError(f"no such annotation file: {path}")
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file)
@@ -145,7 +149,7 @@ def load_instances_json(path: str | Path) -> InstanceAnnotations:
                 "category_id": _get_category(record, categories, where),
                 "iscrowd": int(_get_flag(record, "iscrowd", where)),
                 "area": _get_number(record, "area", where, minimum=0.0),
-                "bbox": _get_bbox(record, where),
+                "bbox": _check_inside(_get_bbox(record, where), image, where),
                 "segmentation": _check_segmentation(_get(record, "segmentation", where), image, where),
             }
         )
@@ -239,6 +243,9 @@ def _check_segmentation(value: Any, image: ImageInfo, where: str) -> Any:
                 or not all(_is_number(v) for v in polygon)
             ):
                 _fail(where, f"segmentation polygon {k} must be a flat list of >= 6 numbers (x, y pairs)")
+            xs, ys = polygon[0::2], polygon[1::2]
+            box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+            _check_inside(box, image, where, f"segmentation polygon {k}")
         return value
     if isinstance(value, dict):
         size, counts = value.get("size"), value.get("counts")
@@ -256,6 +263,22 @@ def _check_segmentation(value: Any, image: ImageInfo, where: str) -> Any:
             _fail(where, f"RLE 'counts' must be a list of integers or a string, got {type(counts).__name__}")
         return value
     _fail(where, f"'segmentation' must be a list of polygons or an RLE dict, got {type(value).__name__}")
+
+
+def _check_inside(box: list[float], image: ImageInfo, where: str, what: str = "'bbox'") -> list[float]:
+    """``box`` ``[x, y, w, h]`` unchanged if it lies in the image, give or take ``BORDER_TOLERANCE``.
+
+    pycocotools clips what lies outside without a word, which changes box and mask AP.
+    """
+    x, y, w, h = box
+    low, right, bottom = -BORDER_TOLERANCE, image.width + BORDER_TOLERANCE, image.height + BORDER_TOLERANCE
+    if x < low or y < low or x + w > right or y + h > bottom:
+        _fail(
+            where,
+            f"{what} spans x {x:g}..{x + w:g}, y {y:g}..{y + h:g}, outside the {image.width}x{image.height} "
+            f"image (file {image.file_name})",
+        )
+    return box
 
 
 def _fail(where: str, problem: str) -> NoReturn:

@@ -30,8 +30,9 @@ from segscope.data.annotations import (
     load_instances_json,
     load_panoptic_json,
 )
+from segscope.data.panoptic_png import rgb_to_id
 from segscope.data.targets import panoptic_targets
-from segscope.errors import AnnotationError
+from segscope.errors import AnnotationError, InputNotFoundError
 from segscope.io import load_image
 
 
@@ -101,11 +102,17 @@ class CocoPanopticDataset(Dataset):
         if mode != "RGB":
             raise AnnotationError(f"{where}: panoptic PNG {path} must be RGB, got mode {mode}")
         _check_size(rgb.shape[:2], record.image, f"panoptic PNG {path}", where)
-        pan_seg = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+        pan_seg = rgb_to_id(rgb)
         present = set(np.unique(pan_seg).tolist())
-        for segment in record.segments_info:
-            if segment["id"] not in present:
-                raise AnnotationError(f"{where}: segment id {segment['id']} is listed but absent from {path}")
+        listed = {segment["id"] for segment in record.segments_info}
+        absent = sorted(listed - present)
+        if absent:
+            raise AnnotationError(f"{where}: segment id {absent[0]} is listed but absent from {path}")
+        unlisted = sorted(present - listed - {0})
+        if unlisted:
+            raise AnnotationError(
+                f"{where}: panoptic PNG {path} holds segment id(s) {unlisted[:10]} that segments_info does not list"
+            )
         return pan_seg
 
 
@@ -231,7 +238,7 @@ def compressed_rle_counts(counts: str | bytes) -> list[int]:
 def _existing_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"no such {what} folder: {path}")
+        raise InputNotFoundError(f"no such {what} folder: {path}")
     return path
 
 

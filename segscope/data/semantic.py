@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from segscope.data.categories import CategorySet
 from segscope.data.targets import semantic_targets
-from segscope.errors import AnnotationError
+from segscope.errors import AnnotationError, InputNotFoundError
 from segscope.io import list_images, load_image
 
 # Single-channel modes whose pixel values are the stored integers (P: palette indices).
@@ -49,7 +49,7 @@ class SemanticSegDataset(Dataset):
         self.image_dir = Path(image_dir)
         self.label_dir = Path(label_dir)
         if not self.label_dir.is_dir():
-            raise FileNotFoundError(f"no such label folder: {self.label_dir}")
+            raise InputNotFoundError(f"no such label folder: {self.label_dir}")
         self.ignore_index = ignore_index
         self.categories = categories
         self.images = list_images(self.image_dir)

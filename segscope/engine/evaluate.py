@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from segscope.data.coco import CocoInstanceDataset, CocoPanopticDataset
 from segscope.data.semantic import SemanticSegDataset
 from segscope.engine.distributed import DistributedContext
+from segscope.errors import OptionError
 from segscope.evaluation import CocoEvaluator, PanopticEvaluator, SemanticEvaluator
 from segscope.loading import LoadedModel
 from segscope.pipeline import SegmentationPipeline
@@ -34,7 +35,7 @@ def _check_categories(
     model_ids = {c.id for c in categories if c.isthing or not things_only}
     unknown = sorted(model_ids - set(dataset_ids))
     if unknown:
-        raise ValueError(f"the model predicts category ids {unknown[:10]} that {source} does not define")
+        raise OptionError(f"the model predicts category ids {unknown[:10]} that {source} does not define")
 
 
 def _run(
@@ -137,5 +138,7 @@ def evaluate(
         return evaluate_instances(loaded, CocoInstanceDataset(data_root, split), device, context)
     if task == "semantic":
         root = Path(data_root)
-        return evaluate_semantic(loaded, SemanticSegDataset(root / split, root / f"semantic_{split}"), device, context)
-    raise ValueError(f"unknown task {task!r}; expected panoptic, semantic or instance")
+        # With the model's classes, a label outside them is refused as its file is read.
+        dataset = SemanticSegDataset(root / split, root / f"semantic_{split}", categories=loaded.description.categories)
+        return evaluate_semantic(loaded, dataset, device, context)
+    raise OptionError(f"unknown task {task!r}; expected panoptic, semantic or instance")

@@ -4,8 +4,14 @@ Per image, a predicted and a ground-truth segment match when they have the same 
 ``IoU > 0.5``, where the predicted segment's pixels on VOID are left out of the union. Matches
 are unique at that threshold, so no assignment is solved. Crowd ground truth is never a true
 positive nor a false negative; an unmatched predicted segment is not a false positive when
-more than half of it lies on VOID or on crowd regions of its own category. VOID is segment id
-0 and every pixel whose id is not listed in the image's segments.
+more than half of it lies on VOID or on its category's crowd region. VOID is segment id 0.
+
+Two rules follow panopticapi where it is odd, because its figures are the ones users compare:
+- of several crowd segments of one category in an image, only the one listed last in
+  ``segments_info`` excuses predictions (panopticapi keeps one crowd id per category in a dict);
+  COCO has at most one per category, so this only matters for other data;
+- a non-zero id in a map that its segment list does not name is refused: panopticapi raises for
+  such a predicted id and silently counts such a ground-truth id as neither VOID nor a segment.
 
 Per category the evaluator keeps TP, FP, FN and the sum of matched IoUs; PQ = IoU sum /
 (TP + FP/2 + FN/2), SQ = IoU sum / TP, RQ = TP / (TP + FP/2 + FN/2), averaged over the
@@ -21,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segscope.errors import AnnotationError
 from segscope.evaluation._inputs import as_label_map
 from segscope.evaluation.distributed import all_reduce_sum_
 from segscope.evaluation.table import format_table
@@ -81,6 +88,8 @@ class PanopticEvaluator:
             )
         pred_ids, pred_cat = self._parse_segments(pred_segments, "pred_segments")
         gt_ids, gt_cat = self._parse_segments(gt_segments, "gt_segments")
+        _check_all_listed(pred_seg, pred_ids, ValueError, "pred_seg holds segment id(s) {} not in pred_segments")
+        _check_all_listed(gt_seg, gt_ids, AnnotationError, "gt_seg holds segment id(s) {} not in gt_segments")
         gt_crowd = torch.tensor([bool(s.get("iscrowd", 0)) for s in gt_segments], dtype=torch.bool)
 
         # inter[i, j]: pixels of gt segment i-1 and predicted segment j-1; row/column 0 is VOID.
@@ -110,7 +119,8 @@ class PanopticEvaluator:
         self.iou.index_add_(0, gt_cat[gt_k], iou[gt_k, pred_k])
         _increment(self.fn, gt_cat[~match.any(1) & ~gt_crowd])
 
-        on_crowd = (overlap * (same_cat & gt_crowd[:, None])).sum(0)
+        excusing_crowd = _last_per_category(gt_crowd, gt_cat)
+        on_crowd = (overlap * (same_cat & excusing_crowd[:, None])).sum(0)
         ignored = (pred_void + on_crowd) > 0.5 * pred_area
         _increment(self.fp, pred_cat[~match.any(0) & ~ignored & (pred_area > 0)])
 
@@ -207,6 +217,25 @@ class PanopticEvaluator:
         if len(set(ids)) != len(ids):
             raise ValueError(f"{name}: segment ids are not unique: {ids}")
         return torch.tensor(ids, dtype=torch.int64), torch.tensor(cats, dtype=torch.int64)
+
+
+def _check_all_listed(seg: torch.Tensor, ids: torch.Tensor, error: type[Exception], message: str) -> None:
+    """Raise ``error`` when ``seg`` holds a non-zero id missing from ``ids``."""
+    present = torch.unique(seg).cpu()
+    unlisted = present[(present != 0) & ~torch.isin(present, ids)]
+    if len(unlisted):
+        raise error(message.format(unlisted[:10].tolist()))
+
+
+def _last_per_category(flags: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:
+    """``[K]`` bool: the last flagged segment of each category (panopticapi's crowd lookup)."""
+    last = torch.zeros_like(flags)
+    seen: set[int] = set()
+    for k in reversed(range(len(flags))):
+        if flags[k] and int(categories[k]) not in seen:
+            last[k] = True
+            seen.add(int(categories[k]))
+    return last
 
 
 def _segment_index(seg: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,18 @@ def test_listed_segment_absent_from_the_png_is_refused(panoptic_root: Path) -> N
         CocoPanopticDataset(panoptic_root, "train")[0]
 
 
+def test_png_id_missing_from_segments_info_is_refused_naming_file_and_id(panoptic_root: Path) -> None:
+    # Drop the last segment from the JSON but not from the PNG: its pixels would read as VOID.
+    data = json.loads(_panoptic_json(panoptic_root).read_text())
+    dropped = data["annotations"][0]["segments_info"].pop()
+    _panoptic_json(panoptic_root).write_text(json.dumps(data))
+    with pytest.raises(
+        AnnotationError,
+        match=rf"000000000001\.png holds segment id\(s\) \[{dropped['id']}\] that segments_info does not list",
+    ):
+        CocoPanopticDataset(panoptic_root, "train")[0]
+
+
 def test_missing_image_is_a_file_not_found_error_naming_it(panoptic_root: Path) -> None:
     (panoptic_root / "train" / "000000000001.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"000000000001\.png"):
@@ -273,6 +285,35 @@ def test_malformed_segmentation_is_refused(instances_root: Path, segmentation: A
     _edit(path, lambda d: d["annotations"][2].update(segmentation=segmentation))
     with pytest.raises(AnnotationError, match=r"instances_val\.json: annotations\[2\] \(id 9\): .*" + message):
         CocoInstanceDataset(instances_root, "val")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("bbox", [25.0, 1.0, 8.0, 5.0], r"'bbox' spans x 25\.\.33, y 1\.\.6, outside the 30x20 image"),
+        ("bbox", [-3.0, 1.0, 8.0, 5.0], r"'bbox' spans x -3\.\.5"),
+        ("bbox", [2.0, 15.0, 8.0, 9.0], r"'bbox' spans .* y 15\.\.24"),
+        ("segmentation", [[2.0, 1.0, 40.0, 1.5, 9.0, 9.0]], r"segmentation polygon 0 spans x 2\.\.40"),
+        ("segmentation", [[2.0, 1.0, 9.0, 1.5, 9.0, 9.0], [1, 1, 3, -4, 5, 5]], r"segmentation polygon 1 spans"),
+    ],
+)
+def test_instances_outside_their_image_are_refused(instances_root: Path, field: str, value: Any, message: str) -> None:
+    # pycocotools would clip these silently and the AP would change.
+    path = instances_root / "annotations" / "instances_val.json"
+    _edit(path, lambda data: data["annotations"][0].__setitem__(field, value))
+    with pytest.raises(AnnotationError, match=rf"annotations\[0\] \(id 7\): {message}.*file a\.png"):
+        CocoInstanceDataset(instances_root, "val")
+
+
+def test_a_pixel_past_the_border_is_tolerated_as_in_real_coco(instances_root: Path) -> None:
+    path = instances_root / "annotations" / "instances_val.json"
+
+    def overshoot(data: dict[str, Any]) -> None:
+        data["annotations"][0]["bbox"] = [-0.5, 0.0, 30.9, 20.4]
+        data["annotations"][0]["segmentation"] = [[-0.5, 0.0, 30.4, 0.0, 30.4, 20.4]]
+
+    _edit(path, overshoot)
+    assert len(CocoInstanceDataset(instances_root, "val")[0]["masks"]) == 3
 
 
 def test_duplicate_annotation_id_is_refused(instances_root: Path) -> None:

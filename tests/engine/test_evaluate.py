@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from segscope.data.synthetic import write_synthetic_dataset
 from segscope.engine.evaluate import evaluate
+from segscope.errors import AnnotationError
 from segscope.loading import load
+from segscope.pipeline import SegmentationPipeline
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +23,19 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_model_with_other_categories_is_refused(tiny_checkpoint: Path, scenes: Path) -> None:
     with pytest.raises(ValueError, match="category ids"):
         evaluate(load(tiny_checkpoint), scenes, "panoptic", "val")
+
+
+def test_semantic_label_outside_the_classes_is_refused_naming_its_file(tmp_path: Path, monkeypatch) -> None:
+    data = write_synthetic_dataset(tmp_path, num_train=0, num_val=2, seed=3, kinds=("semantic",))
+    label_file = sorted((data / "semantic_val").iterdir())[0]
+    labels = np.asarray(Image.open(label_file)).copy()
+    labels[0, 0] = 40  # the demo knows 6 classes
+    Image.fromarray(labels).save(label_file)
+    segmented = []
+    monkeypatch.setattr(SegmentationPipeline, "_run_batch", lambda self, images: segmented.append(1) or [])
+    with pytest.raises(AnnotationError, match=rf"{label_file.name} holds label 40, outside 0\.\.5"):
+        evaluate(load("demo"), data, "semantic", "val")
+    assert segmented == []  # refused when the file is read, before its image is segmented
 
 
 def test_every_task_produces_its_figures(scenes: Path) -> None:
