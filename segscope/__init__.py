@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from torch import nn
 
@@ -29,10 +30,26 @@ def load_model(model: str | os.PathLike[str]) -> nn.Module:
     return load(model).module
 
 
+def __getattr__(name: str) -> Any:
+    """``segscope.Trainer`` and ``segscope.TrainConfig``, imported on first use (training pulls
+    in the data and engine modules, which inference does not need)."""
+    if name == "Trainer":
+        from segscope.engine.trainer import Trainer
+
+        return Trainer
+    if name == "TrainConfig":
+        from segscope.engine.train_config import TrainConfig
+
+        return TrainConfig
+    raise AttributeError(f"module 'segscope' has no attribute {name!r}")
+
+
 __all__ = [
     "LoadedModel",
     "SegmentationPipeline",
     "SegmentationResult",
+    "TrainConfig",
+    "Trainer",
     "list_models",
     "load_model",
     "pipeline",

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from segscope.errors import SegscopeError
@@ -153,6 +154,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-epochs", type=int, required=True)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work dir")
     parser.add_argument("--init", help="fine-tune from this model (zoo name, Hub id, directory or checkpoint)")
+    parser.add_argument(
+        "--backbone-init",
+        help="start the backbone from ImageNet weights: a release name (torchvision-resnet50, swin-b-in22k-384, "
+        "...), a URL or a file; overrides the config's backbone_init ('none': random)",
+    )
     parser.add_argument("--batch-size", type=int, help="per process; overrides the config")
     parser.add_argument("--num-workers", type=int, help="data loader workers; overrides the config")
     parser.add_argument("--device", help="default: this process's GPU under torchrun, else cuda if available, else cpu")
@@ -166,9 +172,12 @@ def _train(args: argparse.Namespace) -> int:
     from segscope.engine.trainer import Trainer
 
     config = load_train_config(args.config, batch_size=args.batch_size, num_workers=args.num_workers)
+    if args.backbone_init is not None:
+        config = replace(config, backbone_init=None if args.backbone_init.lower() == "none" else args.backbone_init)
     trainer = Trainer(config, args.data, args.work_dir, device=args.device, init_from=args.init)
-    if args.init and trainer.context.is_main:
-        print(f"initialised from {args.init}; left as initialised: {trainer.skipped_init_keys or 'nothing'}")
+    source = args.init or config.backbone_init
+    if source and trainer.context.is_main:
+        print(f"initialised from {source}; left as initialised: {trainer.skipped_init_keys or 'nothing'}")
     try:
         last = trainer.train(args.max_epochs, resume=args.resume)
         if trainer.context.is_main:

@@ -29,7 +29,7 @@ class ResNetConfig:
 
     def __post_init__(self) -> None:
         _check_kind(self, "resnet")
-        _check_ints(self, depth=(1, 1000))  # the builder knows which depths exist
+        check_ints(self, depth=(1, 1000))  # the builder knows which depths exist
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class SwinConfig:
 
     def __post_init__(self) -> None:
         _check_kind(self, "swin")
-        _check_ints(self, embed_dim=(1, 4096), window_size=(1, 64), patch_size=(1, 64), pretrain_img_size=(1, 4096))
-        _check_floats(self, mlp_ratio=(0.0, 64.0), drop_path_rate=(0.0, 1.0))
+        check_ints(self, embed_dim=(1, 4096), window_size=(1, 64), patch_size=(1, 64), pretrain_img_size=(1, 4096))
+        check_floats(self, mlp_ratio=(0.0, 64.0), drop_path_rate=(0.0, 1.0))
         if not isinstance(self.qkv_bias, bool):
             raise ConfigError(f"SwinConfig.qkv_bias must be true or false, got {self.qkv_bias!r}")
         # Values only; the stage structure (4 stages, widths divisible by heads) is checked
@@ -74,7 +74,7 @@ class PreprocessConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        _check_ints(self, short_side=(1, 16384), max_size=(1, 16384), size_divisibility=(0, 1024))
+        check_ints(self, short_side=(1, 16384), max_size=(1, 16384), size_divisibility=(0, 1024))
         for name, low in (("mean", -1e4), ("std", 1e-6)):
             value = getattr(self, name)
             if not (
@@ -122,7 +122,7 @@ class Mask2FormerConfig:
             raise ConfigError(
                 f"Mask2FormerConfig.backbone must be a backbone config, got {type(self.backbone).__name__}"
             )
-        _check_ints(
+        check_ints(
             self,
             num_classes=(1, 100_000),
             pixel_decoder_dim=(1, 8192),
@@ -139,7 +139,7 @@ class Mask2FormerConfig:
             train_num_points=(1, 10_000_000),
             test_topk_per_image=(1, 100_000),
         )
-        _check_floats(
+        check_floats(
             self,
             no_object_weight=(0.0, 1e3),
             class_weight=(0.0, 1e3),
@@ -168,7 +168,7 @@ def _check_kind(config: Any, kind: str) -> None:
         raise ConfigError(f"{type(config).__name__}.kind must be {kind!r}, got {config.kind!r}")
 
 
-def _check_ints(config: Any, **ranges: tuple[int, int]) -> None:
+def check_ints(config: Any, **ranges: tuple[int, int]) -> None:
     """Each named field is an int (not a bool) within its inclusive range."""
     for name, (low, high) in ranges.items():
         value = getattr(config, name)
@@ -176,7 +176,7 @@ def _check_ints(config: Any, **ranges: tuple[int, int]) -> None:
             raise ConfigError(f"{type(config).__name__}.{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
-def _check_floats(config: Any, **ranges: tuple[float, float]) -> None:
+def check_floats(config: Any, **ranges: tuple[float, float]) -> None:
     """Each named field is a number within its inclusive range (NaN fails the comparison)."""
     for name, (low, high) in ranges.items():
         value = getattr(config, name)

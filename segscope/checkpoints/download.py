@@ -58,8 +58,11 @@ def fetch_url(url: str, filename: str | None = None, sha256: str | None = None) 
     The cache entry is keyed by the whole URL (two URLs ending in the same file name are two
     entries). The body goes to a temporary file and is renamed into the cache only when it
     arrived complete and, if ``sha256`` is given, with that digest, so an interrupted or wrong
-    download never poisons later loads.
+    download never poisons later loads. ``sha256`` may be a prefix of the digest of at least 8
+    hex digits (torch hub names its files that way).
     """
+    if sha256 is not None and len(sha256) < 8:
+        raise ValueError(f"a sha256 prefix needs at least 8 hex digits, got {sha256!r}")
     target = url_cache_path(url, filename)
     if target.is_file():
         return target
@@ -74,7 +77,7 @@ def fetch_url(url: str, filename: str | None = None, sha256: str | None = None) 
             max_bytes=MAX_BYTES,
             progress=True,
         )
-        if sha256 is not None and digest != sha256.lower():
+        if sha256 is not None and not digest.startswith(sha256.lower()):
             raise CheckpointError(f"{url} has sha256 {digest}, expected {sha256}: a different or damaged file")
 
     try:

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from segscope.checkpoints.backbone_init import load_backbone_weights
 from segscope.checkpoints.safe_load import load_state_dict_strict
 from segscope.checkpoints.segscope_format import ModelDescription, trainer_payload
 from segscope.data.coco import CocoPanopticDataset
@@ -29,6 +30,7 @@ from segscope.engine.checkpointing import epoch_path, latest_checkpoint, read_tr
 from segscope.engine.evaluate import evaluate_panoptic
 from segscope.engine.optim import build_optimizer, build_scheduler
 from segscope.engine.train_config import TrainConfig
+from segscope.errors import CheckpointError, ConfigError
 from segscope.loading import LoadedModel, load
 from segscope.models import build_model
 from segscope.models.mask2former.criterion import SetCriterion, total_loss
@@ -74,7 +76,11 @@ class Trainer:
         device: defaults to this process's GPU under torchrun, else CUDA if any, else CPU.
         init_from: fine-tune from this model (any ``model=`` value: zoo name, Hub id,
             directory, checkpoint); weights whose shapes differ (the class head, when the
-            class count changes) keep their fresh initialisation.
+            class count changes) keep their fresh initialisation. Without it the backbone
+            starts from ``config.backbone_init`` (ImageNet weights), if set.
+
+    The backbone's BatchNorm is frozen when it starts pretrained, unless
+    ``config.freeze_backbone_batchnorm`` says otherwise.
     """
 
     def __init__(
@@ -92,18 +98,24 @@ class Trainer:
         self.train_set = CocoPanopticDataset(self.data_root, config.split_train)
         categories = self.train_set.categories
         if len(categories) != config.model.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"the model predicts {config.model.num_classes} classes but {self.data_root} has "
                 f"{len(categories)} categories; set model.num_classes to match"
             )
         self.description = ModelDescription(config.model, categories, config.preprocess, "panoptic")
         torch.manual_seed(config.seed)
         model = build_model(config.model)
+        # Names of weights the initialisation left as built (a new class head, output norms).
+        self.skipped_init_keys: list[str] = []
         if init_from is not None:
             self.skipped_init_keys = initialise_from(model, init_from)
+        elif config.backbone_init is not None:
+            self.skipped_init_keys = load_backbone_weights(model.backbone, config.backbone_init)
+        pretrained = init_from is not None or config.backbone_init is not None
+        freeze = pretrained if config.freeze_backbone_batchnorm is None else config.freeze_backbone_batchnorm
         self._frozen_norms = (
             [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-            if config.freeze_backbone_batchnorm
+            if freeze
             else []
         )
         for norm in self._frozen_norms:
@@ -129,7 +141,7 @@ class Trainer:
             pin_memory=self.context.device.type == "cuda",
         )
         if len(self.loader) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.samples)} training images make no full batch of {config.batch_size} "
                 f"per process over {self.context.world_size} process(es)"
             )
@@ -268,7 +280,7 @@ def initialise_from(model: torch.nn.Module, source: str | Path) -> list[str]:
     own = model.state_dict()
     fitting = {k: v for k, v in pretrained.items() if k in own and own[k].shape == v.shape}
     if len(fitting) < len(own) / 2:
-        raise ValueError(
+        raise CheckpointError(
             f"{source} shares only {len(fitting)} of {len(own)} weights with the model being trained; "
             f"is it the same architecture?"
         )

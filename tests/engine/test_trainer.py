@@ -100,7 +100,7 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
     path.write_text(json.dumps(SMALL.to_dict()))
     assert load_train_config(str(path)) == SMALL
     assert load_train_config("mask2former-tiny-synthetic", batch_size=2).batch_size == 2
-    with pytest.raises(FileNotFoundError, match="neither a preset"):
+    with pytest.raises(FileNotFoundError, match="neither a preset"):  # an InputNotFoundError
         load_train_config("nope.json")
 
 
@@ -146,13 +146,115 @@ def test_fine_tuning_refuses_another_architecture(shapes: Path, tiny_checkpoint:
         initialise_from(build_model(SMALL.model), tiny_checkpoint)
 
 
-def test_backbone_batchnorm_stays_frozen_while_the_rest_trains(shapes: Path, tmp_path: Path) -> None:
+def _batchnorm_keys(trainer: Trainer) -> list[str]:
+    norms = [n for n, m in trainer.model.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    return [k for k in trainer.model.state_dict() if any(k.startswith(f"backbone.{n}.") for n in norms)]
+
+
+def test_imagenet_backbone_is_loaded_and_its_batchnorm_frozen_while_the_rest_trains(
+    shapes: Path, tmp_path: Path
+) -> None:
+    import torchvision
+
+    release = torchvision.models.resnet18()
+    with torch.no_grad():
+        for name, tensor in release.state_dict().items():
+            if "running_var" in name:
+                tensor.uniform_(0.5, 1.5)
+    torch.save(release.state_dict(), tmp_path / "resnet18-f37072fd.pth")
+    config = replace(
+        SMALL,
+        model=replace(SMALL.model, backbone=ResNetConfig(depth=18)),
+        backbone_init=str(tmp_path / "resnet18-f37072fd.pth"),
+    )
+    trainer = Trainer(config, shapes, tmp_path / "run", device="cpu")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    # The backbone starts as the release, tensor for tensor.
+    released = release.state_dict()
+    assert trainer.skipped_init_keys == []
+    assert all(torch.equal(before[f"backbone.{k}"], v) for k, v in released.items() if not k.startswith("fc."))
+    trainer.train(max_epochs=1)
+    after = trainer.model.state_dict()
+    frozen = _batchnorm_keys(trainer)
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["backbone.conv1.weight"], after["backbone.conv1.weight"])
+
+
+def test_a_random_backbone_keeps_its_batchnorm_training(shapes: Path, tmp_path: Path) -> None:
     config = replace(SMALL, model=replace(SMALL.model, backbone=ResNetConfig(depth=18)))
     trainer = Trainer(config, shapes, tmp_path, device="cpu")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train(max_epochs=1)
     after = trainer.model.state_dict()
-    norms = [n for n, m in trainer.model.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    frozen = [k for k in before if any(k.startswith(f"backbone.{n}.") for n in norms)]
-    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-    assert not torch.equal(before["backbone.conv1.weight"], after["backbone.conv1.weight"])
+    running = [k for k in _batchnorm_keys(trainer) if k.endswith("running_mean")]
+    assert running and all(not torch.equal(before[k], after[k]) for k in running)
+    # Asked for explicitly, freezing still applies to a random backbone.
+    frozen = Trainer(replace(config, freeze_backbone_batchnorm=True), shapes, tmp_path / "f", device="cpu")
+    assert frozen._frozen_norms
+
+
+def test_the_r50_preset_starts_from_torchvisions_imagenet_weights() -> None:
+    from segscope.checkpoints.backbone_init import IMAGENET_WEIGHTS
+    from segscope.engine.train_config import R50_COCO_PANOPTIC
+
+    assert R50_COCO_PANOPTIC.backbone_init == "torchvision-resnet50"
+    assert IMAGENET_WEIGHTS["torchvision-resnet50"][0].endswith("/resnet50-0676ba61.pth")
+
+
+def test_training_config_values_are_checked(tmp_path: Path) -> None:
+    from segscope.errors import ConfigError
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**SMALL.to_dict(), "batch_size": -4}))
+    with pytest.raises(ConfigError, match=r"batch_size must be an integer in \[1, 65536\], got -4"):
+        load_train_config(str(path))
+    path.write_text(json.dumps([1, 2]))
+    with pytest.raises(ConfigError, match="malformed training config"):
+        load_train_config(str(path))
+
+
+def test_trainer_is_importable_from_segscope_as_the_readme_shows() -> None:
+    import segscope
+
+    assert segscope.Trainer is Trainer and segscope.TrainConfig is TrainConfig
+
+
+def test_backbone_init_flag_reaches_the_trainer(shapes: Path, tmp_path: Path, capsys) -> None:
+    import torchvision
+
+    from segscope.cli import main
+
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps(SMALL.to_dict()))  # a Swin backbone: ResNet weights do not fit
+    args = ["train", "-c", str(config), "-d", str(shapes), "-w", str(tmp_path / "run"), "--max-epochs", "1"]
+    assert main([*args, "--device", "cpu", "--backbone-init", str(tmp_path / "r18.pth")]) == 2
+    assert "does not fit the Swin backbone" in capsys.readouterr().err
+
+
+def test_train_demo_script_does_not_overwrite_the_shipped_weights(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_demo.py"
+    spec = importlib.util.spec_from_file_location("train_demo", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    exported: list[Path] = []
+
+    class FakeTrainer:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def train(self, max_epochs: int, resume: bool) -> Path:
+            return tmp_path / "epoch_1.pth"
+
+        def evaluate(self, checkpoint: Path, split: str) -> dict:
+            return {group: {} for group in ("All", "Things", "Stuff")}
+
+    monkeypatch.setattr(module, "Trainer", FakeTrainer)
+    monkeypatch.setattr(module, "write_synthetic_panoptic", lambda root, **kwargs: root)
+    monkeypatch.setattr(module, "read_model", lambda path: ({}, None))
+    monkeypatch.setattr(module, "save_model", lambda path, state, description: exported.append(Path(path)))
+    monkeypatch.setattr(sys, "argv", ["train_demo.py", "--work-dir", str(tmp_path / "demo")])
+    module.main()
+    assert exported == [tmp_path / "demo" / "demo.safetensors"]
