@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -155,6 +155,30 @@ def load_instances_json(path: str | Path) -> InstanceAnnotations:
         )
     records = tuple(InstanceRecord(image, tuple(per_image[image.id])) for image in images.values())
     return InstanceAnnotations(categories, records)
+
+
+def check_segments_listed(
+    present_ids: Iterable[int],
+    segments: Iterable[Mapping[str, Any]],
+    what: str,
+    list_name: str = "segments_info",
+    error: type[Exception] = AnnotationError,
+) -> None:
+    """Raise ``error`` when a panoptic map holds a non-zero id that its segment list does not name.
+
+    Args:
+        present_ids: the distinct ids of the map (``np.unique`` of it); 0 is VOID.
+        segments: the map's segment records, each with an ``"id"``.
+        what: the map as the message names it (e.g. its PNG file).
+        list_name: the segment list as the message names it.
+
+    Unnamed pixels would otherwise pass silently: as VOID, or (panopticapi, ground truth) as
+    neither VOID nor a segment.
+    """
+    listed = {int(segment["id"]) for segment in segments}
+    unlisted = sorted({int(i) for i in present_ids} - listed - {0})
+    if unlisted:
+        raise error(f"{what} holds segment id(s) {unlisted[:10]} that {list_name} does not list")
 
 
 def _parse_categories(data: Mapping[str, Any], source: str, isthing_required: bool) -> CategorySet:

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from segscope.data.annotations import (
     ImageInfo,
     PanopticRecord,
+    check_segments_listed,
     load_instances_json,
     load_panoptic_json,
 )
@@ -45,11 +46,12 @@ class CocoPanopticDataset(Dataset):
         image_dir, panoptic_dir, annotation_file: override the default paths.
 
     Items are dicts: ``image`` ``[H, W, 3]`` uint8 RGB, ``pan_seg`` ``[H, W]`` int64 segment
-    ids (0 and ids not listed are VOID), ``segments_info`` (list of ``{"id", "category_id",
-    "iscrowd", "area", "bbox"}``), ``image_id`` and ``file_name``.
+    ids (0 is VOID), ``segments_info`` (list of ``{"id", "category_id", "iscrowd", "area",
+    "bbox"}``), ``image_id`` and ``file_name``.
 
     Raises (on load of an item): ``FileNotFoundError`` for a missing image, ``AnnotationError``
-    for a missing or unreadable PNG, a size mismatch, or a listed segment absent from the PNG.
+    for a missing or unreadable PNG, a size mismatch, a listed segment absent from the PNG, or
+    a non-zero PNG id that ``segments_info`` does not list.
     """
 
     def __init__(
@@ -108,11 +110,7 @@ class CocoPanopticDataset(Dataset):
         absent = sorted(listed - present)
         if absent:
             raise AnnotationError(f"{where}: segment id {absent[0]} is listed but absent from {path}")
-        unlisted = sorted(present - listed - {0})
-        if unlisted:
-            raise AnnotationError(
-                f"{where}: panoptic PNG {path} holds segment id(s) {unlisted[:10]} that segments_info does not list"
-            )
+        check_segments_listed(present, record.segments_info, f"{where}: panoptic PNG {path}")
         return pan_seg
 
 

@@ -90,8 +90,11 @@ class SemanticSegDataset(Dataset):
             values = np.unique(labels)
             bad = values[(values != self.ignore_index) & ((values < 0) | (values >= len(self.categories)))]
             if bad.size:
+                named = ", ".join(str(v) for v in bad[:10].tolist())
+                if bad.size > 10:
+                    named += f" (+{bad.size - 10} more)"
                 raise AnnotationError(
-                    f"label map {path} holds label {int(bad[0])}, outside 0..{len(self.categories) - 1} "
-                    f"and not the ignore index {self.ignore_index}"
+                    f"label map {path} holds label{'s' if bad.size > 1 else ''} {named}, outside "
+                    f"0..{len(self.categories) - 1} and not the ignore index {self.ignore_index}"
                 )
         return labels

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segscope.errors import AnnotationError
+from segscope.data.annotations import check_segments_listed
 from segscope.evaluation._inputs import as_label_map
 from segscope.evaluation.distributed import all_reduce_sum_
 from segscope.evaluation.table import format_table
@@ -78,6 +78,10 @@ class PanopticEvaluator:
             gt_segments: ``{"id", "category_id", "iscrowd"?, "area"?}`` per ground-truth
                 segment. ``area`` (as in COCO panoptic JSON) is used when given, as panopticapi
                 does; otherwise the segment's pixels are counted. ``iscrowd`` defaults to 0.
+
+        Raises:
+            AnnotationError: ``gt_seg`` holds a non-zero id that ``gt_segments`` does not list.
+            ValueError: the same for the prediction, or malformed inputs.
         """
         pred_seg = as_label_map(pred_seg, "pred_seg")
         gt_seg = as_label_map(gt_seg, "gt_seg")
@@ -88,8 +92,8 @@ class PanopticEvaluator:
             )
         pred_ids, pred_cat = self._parse_segments(pred_segments, "pred_segments")
         gt_ids, gt_cat = self._parse_segments(gt_segments, "gt_segments")
-        _check_all_listed(pred_seg, pred_ids, ValueError, "pred_seg holds segment id(s) {} not in pred_segments")
-        _check_all_listed(gt_seg, gt_ids, AnnotationError, "gt_seg holds segment id(s) {} not in gt_segments")
+        check_segments_listed(torch.unique(pred_seg).tolist(), pred_segments, "pred_seg", "pred_segments", ValueError)
+        check_segments_listed(torch.unique(gt_seg).tolist(), gt_segments, "gt_seg", "gt_segments")
         gt_crowd = torch.tensor([bool(s.get("iscrowd", 0)) for s in gt_segments], dtype=torch.bool)
 
         # inter[i, j]: pixels of gt segment i-1 and predicted segment j-1; row/column 0 is VOID.
@@ -217,14 +221,6 @@ class PanopticEvaluator:
         if len(set(ids)) != len(ids):
             raise ValueError(f"{name}: segment ids are not unique: {ids}")
         return torch.tensor(ids, dtype=torch.int64), torch.tensor(cats, dtype=torch.int64)
-
-
-def _check_all_listed(seg: torch.Tensor, ids: torch.Tensor, error: type[Exception], message: str) -> None:
-    """Raise ``error`` when ``seg`` holds a non-zero id missing from ``ids``."""
-    present = torch.unique(seg).cpu()
-    unlisted = present[(present != 0) & ~torch.isin(present, ids)]
-    if len(unlisted):
-        raise error(message.format(unlisted[:10].tolist()))
 
 
 def _last_per_category(flags: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,15 @@ def test_label_outside_the_categories_is_refused(tmp_path: Path) -> None:
         dataset[0]
 
 
+def test_every_label_outside_the_categories_is_named_with_its_file(tmp_path: Path) -> None:
+    labels = _labels()
+    labels[0, 5], labels[1, 5], labels[2, 5] = 9, 3, 9  # 3 classes: 3 and 9 are both out of range
+    _write(tmp_path, "a", labels)
+    dataset = SemanticSegDataset(tmp_path / "images", tmp_path / "labels", categories=CATEGORIES)
+    with pytest.raises(AnnotationError, match=r"label map .*a\.png holds labels 3, 9, outside 0\.\.2 "):
+        dataset[0]
+
+
 def test_image_without_label_map_is_refused(tmp_path: Path) -> None:
     _write(tmp_path, "a", _labels())
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "images" / "lonely.png")

@@ -264,13 +264,32 @@ def test_only_the_last_listed_crowd_segment_of_a_category_excuses_predictions() 
         assert person["PQ"] == pytest.approx(100 / 1.5)
 
 
+def test_a_prediction_straddling_two_crowds_counts_void_plus_only_the_last_listed_one() -> None:
+    # gt: person rows 0-3 (40 px), VOID row 4, person crowds A rows 5-6 and B rows 7-8, sky row 9.
+    gt = rows_map({1: range(4), 2: range(5, 7), 3: range(7, 9), 4: range(9, 10)})
+    pred = rows_map({11: range(4), 14: range(9, 10)})  # person TP, sky TP
+    # Person 12 (30 px): 5 on VOID, 15 on crowd A, 10 on crowd B.
+    pred[4, :5] = pred[5] = pred[6, :5] = pred[7] = 12
+    pred_segments = segs((11, PERSON), (12, PERSON), (14, SKY))
+    for crowd_order, person_fp in (((2, 3), 1), ((3, 2), 0)):  # the last of crowd_order excuses
+        ev = PanopticEvaluator(CATEGORIES)
+        gt_segments = segs((1, PERSON), *((c, PERSON, 1) for c in crowd_order), (4, SKY))
+        ev.update(pred, pred_segments, gt, gt_segments)
+        result = ev.compute()
+        # B last: (VOID 5 + B 10) / 30 = 0.5, not > 0.5, so FP: person PQ = 1 / (1 + 1/2) = 66.7,
+        # All = (66.7 + 100) / 2 = 83.3. A last: (5 + 15) / 30 = 0.67, excused: All = 100.
+        # Adding up both crowds, (5 + 15 + 10) / 30 = 1, would excuse it in either order.
+        assert result["per_class"][PERSON]["FP"] == person_fp, crowd_order
+        assert result["All"]["PQ"] == pytest.approx(100 / 1.5 / 2 + 50 if person_fp else 100)
+
+
 def test_ids_missing_from_the_segment_lists_are_refused() -> None:
     gt = rows_map({1: range(0, 5), 77: range(5, 10)})
     pred = rows_map({11: range(0, 10)})
     ev = PanopticEvaluator(CATEGORIES)
-    with pytest.raises(AnnotationError, match=r"gt_seg holds segment id\(s\) \[77\] not in gt_segments"):
+    with pytest.raises(AnnotationError, match=r"gt_seg holds segment id\(s\) \[77\] that gt_segments does not list"):
         ev.update(pred, segs((11, PERSON)), gt, segs((1, PERSON)))
-    with pytest.raises(ValueError, match=r"pred_seg holds segment id\(s\) \[11\] not in pred_segments"):
+    with pytest.raises(ValueError, match=r"pred_seg holds segment id\(s\) \[11\] that pred_segments does not list"):
         ev.update(pred, segs((12, PERSON)), gt, segs((1, PERSON), (77, SKY)))
 
 
