@@ -3,11 +3,13 @@ backbones (to train a segmentation model from a pretrained backbone, as every ca
 
 The layout is recognised from the keys, and checked against the backbone being initialised:
 
-| release                                   | layout                                                          |
-| ----------------------------------------- | --------------------------------------------------------------- |
-| torchvision ResNet (``resnet50-*.pth``)   | segscope's ResNet names; ``fc.*`` is the classifier             |
-| Swin, official (``{"model": ...}``)       | segscope's Swin names; ``layers.i.downsample`` ends stage i     |
-| Swin, timm >= 0.9                         | ``layers.i.downsample`` starts stage i; ``head.fc.*`` classifier |
+| release                                 | layout                                                            |
+| --------------------------------------- | ----------------------------------------------------------------- |
+| torchvision ResNet (``resnet50-*.pth``) | segscope's ResNet names; ``fc.*`` is the classifier               |
+| Swin, official (``{"model": ...}``)     | segscope's Swin names; ``layers.i.downsample`` ends stage i       |
+| Swin, timm >= 0.9                       | ``layers.i.downsample`` starts stage i; ``head.fc.*`` classifier  |
+| detectron2 / Mask2Former ``.pkl``       | numpy arrays: ResNet as detectron2's torchvision converter names  |
+|                                         | it (``stem``, ``res2``..``res5``), Swin in the official layout    |
 
 Classifier heads and the final ``norm`` are dropped; ``relative_position_index`` and
 ``attn_mask`` buffers are recomputed by segscope. Relative position bias tables trained with
@@ -22,15 +24,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segscope.checkpoints import download
-from segscope.checkpoints.safe_load import StateDict, read_weights
+from segscope.checkpoints.detectron2 import convert_detectron2_mask2former, read_detectron2_pickle
+from segscope.checkpoints.safe_load import StateDict, load_state_dict_strict, read_weights
 from segscope.errors import CheckpointError, InputNotFoundError
 
 _SWIN_STORAGE = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
+# Where detectron2's ``detectron2://`` names point (Mask2Former's configs name their ImageNet
+# weights that way, e.g. ``detectron2://ImageNetPretrained/torchvision/R-50.pkl``).
+_DETECTRON2_STORAGE = "https://dl.fbaipublicfiles.com/detectron2/"
 
 # Named releases: (URL, sha256 or its prefix). torchvision names its files after the first 8
 # hex digits of their sha256; the Swin releases publish no digest.
@@ -46,19 +51,24 @@ IMAGENET_WEIGHTS: dict[str, tuple[str, str | None]] = {
     "swin-l-in22k-384": (_SWIN_STORAGE + "swin_large_patch4_window12_384_22k.pth", None),
 }
 
-# Keys that are not backbone weights in any release.
-_DROPPED = re.compile(r"^(fc|head|norm)\.|(relative_position_index|attn_mask)$")
+# Keys that are not backbone weights in any release (detectron2's torchvision converter files
+# the classifier as ``stem.fc``).
+_DROPPED = re.compile(r"^(fc|stem\.fc|head|norm)\.|(relative_position_index|attn_mask)$")
 # Keys of segscope's backbones that ImageNet releases do not have.
 _MAY_BE_MISSING = re.compile(r"^norm\d+\.(weight|bias)$|num_batches_tracked$")
 _TIMM_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
+_DETECTRON2_RESNET = re.compile(r"^(stem|res[2-5])\.")
 
 
 def resolve_weights_file(source: str | Path) -> Path:
-    """A named release (``IMAGENET_WEIGHTS``), an http(s) URL or a local file, as a local path."""
+    """A named release (``IMAGENET_WEIGHTS``), an http(s) or ``detectron2://`` URL or a local
+    file, as a local path."""
     text = str(source)
     if text in IMAGENET_WEIGHTS:
         url, digest = IMAGENET_WEIGHTS[text]
         return download.fetch_url(url, sha256=digest)
+    if text.startswith("detectron2://"):
+        text = _DETECTRON2_STORAGE + text.removeprefix("detectron2://")
     if text.startswith(("http://", "https://")):
         return download.fetch_url(text)
     path = Path(text).expanduser()
@@ -68,8 +78,17 @@ def resolve_weights_file(source: str | Path) -> Path:
     return path
 
 
+def read_imagenet_weights(path: Path) -> StateDict:
+    """The tensors of a release file: detectron2 pickles through the numpy-only unpickler."""
+    return read_detectron2_pickle(path) if path.suffix == ".pkl" else read_weights(path)
+
+
 def convert_imagenet_backbone(released: StateDict, backbone: nn.Module) -> StateDict:
     """``released`` (any layout of the table above) renamed and resized for ``backbone``."""
+    if any(_DETECTRON2_RESNET.match(k) for k in released):
+        # detectron2's ResNet names are those of a whole Mask2Former's ``backbone.``.
+        whole = convert_detectron2_mask2former({f"backbone.{k}": v for k, v in released.items()})
+        released = {k.removeprefix("backbone."): v for k, v in whole.items()}
     timm_layout = any(k.startswith("head.fc.") for k in released) or (
         any(_TIMM_DOWNSAMPLE.match(k) for k in released)
         and not any(k.startswith("layers.0.downsample.") for k in released)
@@ -102,24 +121,15 @@ def resize_relative_position_table(table: Tensor, entries: int) -> Tensor:
 def load_backbone_weights(backbone: nn.Module, source: str | Path) -> list[str]:
     """Initialise ``backbone`` from ImageNet weights; return the names left as initialised.
 
+    Only weights no ImageNet release has (``_MAY_BE_MISSING``) may be left so.
+
     Raises:
         CheckpointError: the file does not fit the backbone (its missing, unexpected and
             mis-shaped keys are named), or is unsafe or truncated.
     """
     path = resolve_weights_file(source)
-    converted = convert_imagenet_backbone(read_weights(path), backbone)
+    converted = convert_imagenet_backbone(read_imagenet_weights(path), backbone)
     own = backbone.state_dict()
-    missing = sorted(k for k in own if k not in converted and not _MAY_BE_MISSING.search(k))
-    unexpected = sorted(k for k in converted if k not in own)
-    misshaped = sorted(k for k in converted if k in own and own[k].shape != converted[k].shape)
-    if missing or unexpected or misshaped:
-        problems = [
-            f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-            if keys
-        ]
-        raise CheckpointError(f"{source} does not fit the {type(backbone).__name__} backbone: " + "; ".join(problems))
-    with torch.no_grad():
-        for key, value in converted.items():
-            own[key].copy_(value)
-    return sorted(k for k in own if k not in converted)
+    kept = sorted(k for k in own if k not in converted and _MAY_BE_MISSING.search(k))
+    load_state_dict_strict(backbone, {**converted, **{k: own[k] for k in kept}}, f"{source} (ImageNet weights)")
+    return kept

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from segscope.checkpoints.backbone_init import load_backbone_weights
+from segscope.checkpoints.backbone_init import load_backbone_weights, resolve_weights_file
 from segscope.checkpoints.safe_load import load_state_dict_strict
 from segscope.checkpoints.segscope_format import ModelDescription, trainer_payload
 from segscope.data.coco import CocoPanopticDataset
@@ -110,7 +110,7 @@ class Trainer:
         if init_from is not None:
             self.skipped_init_keys = initialise_from(model, init_from)
         elif config.backbone_init is not None:
-            self.skipped_init_keys = load_backbone_weights(model.backbone, config.backbone_init)
+            self.skipped_init_keys = self._load_backbone_init(model.backbone, config.backbone_init)
         pretrained = init_from is not None or config.backbone_init is not None
         freeze = pretrained if config.freeze_backbone_batchnorm is None else config.freeze_backbone_batchnorm
         self._frozen_norms = (
@@ -150,6 +150,17 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.iteration = 0
         self.epoch = 0
+
+    def _load_backbone_init(self, backbone: torch.nn.Module, source: str) -> list[str]:
+        """``load_backbone_weights`` in every process, the release fetched into the cache once.
+
+        The cache's atomic writes assume one writer per file (rank 0): writers on several
+        machines sharing the cache would delete each other's temporary files as abandoned.
+        """
+        if self.context.is_main:
+            resolve_weights_file(source)
+        distributed.barrier(self.context)
+        return load_backbone_weights(backbone, source)
 
     @property
     def _network(self) -> torch.nn.Module:

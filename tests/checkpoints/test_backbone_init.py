@@ -6,6 +6,7 @@ layout); the official Swin layout is checked through timm's own converter from i
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from timm.models.swin_transformer import checkpoint_filter_fn
 
+from segscope.checkpoints import backbone_init
 from segscope.checkpoints.backbone_init import load_backbone_weights, resize_relative_position_table
 from segscope.config import ResNetConfig, SwinConfig
 from segscope.errors import CheckpointError, InputNotFoundError
@@ -127,12 +129,65 @@ def test_relative_position_tables_are_resized_for_another_window(tmp_path: Path)
 def test_a_release_for_another_backbone_is_refused_naming_keys(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"does not fit the ResNet backbone: .*mis-shaped"):
+    expected = r"(?s)resnet18.pth \(ImageNet weights\) does not fit ResNet:.*shape mismatch keys \[23\]: layer1.0.conv1"
+    with pytest.raises(CheckpointError, match=expected):
         load_backbone_weights(build_backbone(ResNetConfig(depth=50)), path)
-    with pytest.raises(CheckpointError, match=r"does not fit the Swin backbone: missing .*unexpected"):
+    with pytest.raises(
+        CheckpointError, match=r"(?s)does not fit Swin:.*missing keys.*unexpected keys \[\d+\]: conv1.weight"
+    ):
         load_backbone_weights(build_backbone(SWIN_T), path)
 
 
 def test_unknown_source_names_the_known_releases() -> None:
     with pytest.raises(InputNotFoundError, match="torchvision-resnet50"):
         load_backbone_weights(build_backbone(ResNetConfig(depth=50)), "resnet-50-please")
+
+
+def _detectron2_pickle(path: Path, state: dict[str, torch.Tensor], author: str) -> None:
+    """A model-zoo ``.pkl`` as detectron2's conversion scripts write it: numpy arrays."""
+    model = {k: v.numpy() for k, v in state.items()}
+    with path.open("wb") as file:
+        pickle.dump({"model": model, "__author__": author, "matching_heuristics": True}, file)
+
+
+def _torchvision_to_detectron2(key: str) -> str:
+    """detectron2's ``convert-torchvision-to-d2.py`` renaming (Mask2Former's R-50.pkl)."""
+    if "layer" not in key:
+        key = "stem." + key
+    for stage in (1, 2, 3, 4):
+        key = key.replace(f"layer{stage}", f"res{stage + 1}")
+    for conv in (1, 2, 3):
+        key = key.replace(f"bn{conv}", f"conv{conv}.norm")
+    return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
+def test_mask2former_torchvision_r50_pickle_loads_as_the_torchvision_file(tmp_path: Path) -> None:
+    reference = torchvision.models.resnet50()
+    _randomize(reference)
+    path = tmp_path / "R-50.pkl"
+    _detectron2_pickle(
+        path, {_torchvision_to_detectron2(k): v for k, v in reference.state_dict().items()}, "torchvision"
+    )
+    assert "stem.fc.weight" in pickle.loads(path.read_bytes())["model"]  # the classifier, dropped
+
+    backbone = build_backbone(ResNetConfig(depth=50))
+    assert load_backbone_weights(backbone, path) == []
+    expected = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    got = backbone.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_mask2former_swin_pickle_gives_timms_features(tmp_path: Path) -> None:
+    reference = _timm_swin_t()
+    path = tmp_path / "swin_tiny_patch4_window7_224.pkl"  # convert-pretrained-swin-model-to-d2.py
+    _detectron2_pickle(path, _official_layout(reference.state_dict()), "third_party")
+    backbone = build_backbone(SWIN_T).eval()
+    load_backbone_weights(backbone, path)
+    _assert_same_features(backbone, reference)
+
+
+def test_detectron2_urls_resolve_to_detectrons_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    fetched: list[str] = []
+    monkeypatch.setattr(backbone_init.download, "fetch_url", lambda url, sha256=None: fetched.append(url) or Path())
+    backbone_init.resolve_weights_file("detectron2://ImageNetPretrained/torchvision/R-50.pkl")
+    assert fetched == ["https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/torchvision/R-50.pkl"]

@@ -229,7 +229,7 @@ def test_backbone_init_flag_reaches_the_trainer(shapes: Path, tmp_path: Path, ca
     config.write_text(json.dumps(SMALL.to_dict()))  # a Swin backbone: ResNet weights do not fit
     args = ["train", "-c", str(config), "-d", str(shapes), "-w", str(tmp_path / "run"), "--max-epochs", "1"]
     assert main([*args, "--device", "cpu", "--backbone-init", str(tmp_path / "r18.pth")]) == 2
-    assert "does not fit the Swin backbone" in capsys.readouterr().err
+    assert "(ImageNet weights) does not fit Swin" in capsys.readouterr().err
 
 
 def test_train_demo_script_does_not_overwrite_the_shipped_weights(tmp_path: Path, monkeypatch) -> None:
@@ -258,3 +258,30 @@ def test_train_demo_script_does_not_overwrite_the_shipped_weights(tmp_path: Path
     monkeypatch.setattr(sys, "argv", ["train_demo.py", "--work-dir", str(tmp_path / "demo")])
     module.main()
     assert exported == [tmp_path / "demo" / "demo.safetensors"]
+
+
+def test_only_the_main_process_downloads_the_backbone_release(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segscope.engine import distributed, trainer
+
+    events: list[str] = []
+    monkeypatch.setattr(trainer, "resolve_weights_file", lambda source: events.append("fetch"))
+    monkeypatch.setattr(trainer, "load_backbone_weights", lambda backbone, source: events.append("load") or [])
+    monkeypatch.setattr(distributed, "barrier", lambda context: events.append(f"barrier {context.rank}"))
+    config = replace(SMALL, backbone_init="https://example.invalid/swin.pth")
+    for rank in (0, 1):
+        context = distributed.DistributedContext(rank, 2, rank, torch.device("cpu"))
+        monkeypatch.setattr(distributed, "setup", lambda device, context=context: context)
+        Trainer(config, shapes, tmp_path / str(rank), device="cpu")
+    assert events == ["fetch", "barrier 0", "load", "barrier 1", "load"]
+
+
+def test_a_training_config_written_before_backbone_init_loads_unchanged(tmp_path: Path) -> None:
+    earlier = SMALL.to_dict()
+    del earlier["backbone_init"]
+    earlier["freeze_backbone_batchnorm"] = True  # the old default, written out by to_dict
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(earlier))
+    config = load_train_config(str(path))
+    assert config.backbone_init is None and config.freeze_backbone_batchnorm is True
