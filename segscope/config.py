@@ -52,8 +52,7 @@ class SwinConfig:
         _check_kind(self, "swin")
         check_ints(self, embed_dim=(1, 4096), window_size=(1, 64), patch_size=(1, 64), pretrain_img_size=(1, 4096))
         check_floats(self, mlp_ratio=(0.0, 64.0), drop_path_rate=(0.0, 1.0))
-        if not isinstance(self.qkv_bias, bool):
-            raise ConfigError(f"SwinConfig.qkv_bias must be true or false, got {self.qkv_bias!r}")
+        check_bools(self, "qkv_bias")
         # Values only; the stage structure (4 stages, widths divisible by heads) is checked
         # by the builder, which knows the architecture.
         _check_int_tuple(self, "depths", (0, 64))
@@ -150,13 +149,15 @@ class Mask2FormerConfig:
             object_mask_threshold=(0.0, 1.0),
             overlap_threshold=(0.0, 1.0),
         )
-        for flag in ("pre_norm", "enforce_input_projection"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"Mask2FormerConfig.{flag} must be true or false, got {getattr(self, flag)!r}")
+        check_bools(self, "pre_norm", "enforce_input_projection")
         for width, heads in (("pixel_decoder_dim", "pixel_decoder_heads"), ("hidden_dim", "decoder_heads")):
             width_value, heads_value = getattr(self, width), getattr(self, heads)
             if width_value % heads_value:
                 raise ConfigError(f"Mask2FormerConfig.{width}={width_value} is not divisible by {heads}={heads_value}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -172,7 +173,7 @@ def check_ints(config: Any, **ranges: tuple[int, int]) -> None:
     """Each named field is an int (not a bool) within its inclusive range."""
     for name, (low, high) in ranges.items():
         value = getattr(config, name)
-        if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+        if not (_is_int(value) and low <= value <= high):
             raise ConfigError(f"{type(config).__name__}.{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
@@ -184,14 +185,18 @@ def check_floats(config: Any, **ranges: tuple[float, float]) -> None:
             raise ConfigError(f"{type(config).__name__}.{name} must be a number in [{low:g}, {high:g}], got {value!r}")
 
 
+def check_bools(config: Any, *names: str) -> None:
+    """Each named field is true or false (JSON's 0/1 or "yes" are refused)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{type(config).__name__}.{name} must be true or false, got {value!r}")
+
+
 def _check_int_tuple(config: Any, name: str, bounds: tuple[int, int]) -> None:
     value = getattr(config, name)
     low, high = bounds
-    if not (
-        isinstance(value, tuple)
-        and value
-        and all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in value)
-    ):
+    if not (isinstance(value, tuple) and value and all(_is_int(v) and low <= v <= high for v in value)):
         raise ConfigError(f"{type(config).__name__}.{name} must be integers in [{low}, {high}], got {value!r}")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from segscope.errors import ImageLoadError, InputNotFoundError
-from segscope.net import download
+from segscope.net import download, is_url
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -63,7 +63,7 @@ def load_image(
         return _open_and_decode(io.BytesIO(data), f"<{len(data)} bytes>", max_pixels)
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
-        if isinstance(text, str) and _is_url(text):
+        if isinstance(text, str) and is_url(text):
             body = io.BytesIO()
             download(
                 text, body, error=ImageLoadError, timeout=timeout, deadline=deadline, max_bytes=MAX_DOWNLOAD_BYTES
@@ -100,10 +100,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     if not images:
         raise ImageLoadError(f"no image files in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images
-
-
-def _is_url(text: str) -> bool:
-    return text.lower().startswith(("http://", "https://"))
 
 
 def _load_file(path: Path, max_pixels: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from segscope.config import PreprocessConfig
 from segscope.data.categories import COCO_PANOPTIC, CategorySet, get_category_set
 from segscope.errors import CheckpointError, InputNotFoundError
 from segscope.models import build_model
+from segscope.net import is_url
 from segscope.zoo import ZooEntry, get_entry, list_models
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -60,7 +61,7 @@ def _resolve(model: str | os.PathLike[str]) -> tuple[StateDict, ModelDescription
                 f"checkpoint pass its directory (with config.json) instead"
             )
         return *read_model(path), spec
-    if spec.startswith(("http://", "https://")):
+    if is_url(spec):
         return *read_model(download.fetch_url(spec)), spec
     if _HUB_ID.match(spec) and not path.suffix:
         return *read_hf_directory(download.fetch_hub_directory(spec)), spec

@@ -22,6 +22,11 @@ from segscope.errors import SegscopeError
 _CHUNK = 1 << 20
 
 
+def is_url(text: str) -> bool:
+    """Whether ``text`` is an http(s) URL (the only remote sources segscope reads)."""
+    return text.lower().startswith(("http://", "https://"))
+
+
 def download(
     url: str,
     sink: IO[bytes],

@@ -31,6 +31,7 @@ from segscope.checkpoints import download
 from segscope.checkpoints.detectron2 import convert_detectron2_mask2former, read_detectron2_pickle
 from segscope.checkpoints.safe_load import StateDict, load_state_dict_strict, read_weights
 from segscope.errors import CheckpointError, InputNotFoundError
+from segscope.net import is_url
 
 _SWIN_STORAGE = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
 # Where detectron2's ``detectron2://`` names point (Mask2Former's configs name their ImageNet
@@ -69,7 +70,7 @@ def resolve_weights_file(source: str | Path) -> Path:
         return download.fetch_url(url, sha256=digest)
     if text.startswith("detectron2://"):
         text = _DETECTRON2_STORAGE + text.removeprefix("detectron2://")
-    if text.startswith(("http://", "https://")):
+    if is_url(text):
         return download.fetch_url(text)
     path = Path(text).expanduser()
     if not path.is_file():
