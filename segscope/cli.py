@@ -47,7 +47,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
         help="lowest score kept: instance (default 0.5) and panoptic (default: the model's object-mask "
         "threshold); not used by the semantic task",
     )
-    parser.add_argument("--no-scores", action="store_true", help="leave scores out of the pictures")
+    parser.add_argument("--no-scores", action="store_true", help="leave scores out of the overlay pictures")
     parser.set_defaults(run=_predict)
 
 
@@ -55,6 +55,7 @@ def _predict(args: argparse.Namespace) -> int:
     from segscope.errors import ImageLoadError, InputNotFoundError
     from segscope.export import NEEDS_IMAGE_IDS, PredictionWriter, parse_formats, unique_stems
     from segscope.io import list_images
+    from segscope.net import is_url
     from segscope.pipeline import pipeline
 
     segmenter = pipeline(
@@ -72,7 +73,7 @@ def _predict(args: argparse.Namespace) -> int:
     if source.is_dir():
         sources = inputs = list_images(source)
         names = [p.name for p in sources]
-    elif args.source.lower().startswith(("http://", "https://")):
+    elif is_url(args.source):
         names = [Path(args.source.split("?")[0]).name or "image"]
     elif source.exists():
         inputs, names = [source], [source.name]
@@ -81,7 +82,14 @@ def _predict(args: argparse.Namespace) -> int:
     image_ids = _image_ids(names, args.coco_json) if NEEDS_IMAGE_IDS.intersection(formats) else None
     out = Path(args.out)
     writer = PredictionWriter(
-        out, formats, unique_stems(names), inputs, image_ids, segmenter.categories, overwrite=args.overwrite
+        out,
+        formats,
+        unique_stems(names),
+        inputs,
+        image_ids,
+        segmenter.categories,
+        overwrite=args.overwrite,
+        show_scores=not args.no_scores,
     )
     failed = 0
     for index, outcome in segmenter.iter_outcomes(sources, progress=len(sources) > 1):

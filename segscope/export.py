@@ -140,6 +140,7 @@ class PredictionWriter:
         image_ids: COCO image id per input, needed by the ``NEEDS_IMAGE_IDS`` formats.
         categories: the model's categories (for the panoptic JSON).
         overwrite: allow replacing files left by an earlier run.
+        show_scores: write scores into the overlay pictures.
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class PredictionWriter:
         image_ids: Sequence[int] | None,
         categories: CategorySet,
         overwrite: bool = False,
+        show_scores: bool = True,
     ) -> None:
         if image_ids is None and NEEDS_IMAGE_IDS.intersection(formats):
             raise OptionError("formats coco-results and coco-panoptic need COCO image ids")
@@ -159,6 +161,7 @@ class PredictionWriter:
         self.stems = list(stems)
         self.image_ids = list(image_ids) if image_ids is not None else None
         self.categories = categories
+        self.show_scores = show_scores
         self._detections: list[dict[str, Any]] = []
         self._panoptic: list[dict[str, Any]] = []
         self._images: list[dict[str, Any]] = []
@@ -187,10 +190,9 @@ class PredictionWriter:
         stem = self.stems[index]
         paths = self.per_image_paths(stem)
         if "overlay" in paths:
-            _write_png(paths["overlay"], result.draw())
+            _write_png(paths["overlay"], result.draw(show_scores=self.show_scores))
         if "json" in paths:
-            record = {"source": source, "model": model_name, **result.to_json()}
-            atomic_write(paths["json"], lambda stream: stream.write(json.dumps(record).encode()))
+            _write_json(paths["json"], {"source": source, "model": model_name, **result.to_json()})
         if "label-png" in paths:
             _write_png(paths["label-png"], label_png(result))
         if self.image_ids is None:

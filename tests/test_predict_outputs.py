@@ -88,6 +88,16 @@ def test_unreadable_image_in_a_folder_is_reported_skipped_and_counted(
     assert sorted(p.name for p in out.iterdir()) == ["a_jpg.json", "a_jpg.png", "a_png.json", "a_png.png"]
 
 
+def test_no_scores_leaves_scores_out_of_the_overlay(tiny_checkpoint: Path, picture: Path, tmp_path: Path) -> None:
+    result = segscope.pipeline(model=tiny_checkpoint, device="cpu")(picture)
+    with_scores, without = np.asarray(result.draw()), np.asarray(result.draw(show_scores=False))
+    assert not np.array_equal(with_scores, without)  # the flag has something to change
+    for flag, expected in (([], with_scores), (["--no-scores"], without)):
+        out = tmp_path / ("plain" if flag else "scored")
+        assert _predict(str(picture), "-m", str(tiny_checkpoint), "-o", str(out), *flag) == 0
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "picture.png")), expected)
+
+
 # Errors: segscope's own are one line, anything else keeps its traceback --------------------------
 
 
