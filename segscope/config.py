@@ -59,7 +59,112 @@ class SwinConfig:
         _check_int_tuple(self, "num_heads", (1, 256))
 
 
-BackboneConfig = Union[ResNetConfig, SwinConfig]
+@dataclass(frozen=True)
+class BeitConfig:
+    """A BEiT / BEiTv2 vision transformer (Bao et al., 2022) as a dense-prediction trunk.
+
+    No absolute position embedding: every block has its own relative position bias table,
+    sized for ``rel_pos_grid`` patches per side (global blocks) or for its attention window.
+    ``window_sizes`` is empty when every block attends globally (BEiT, the COCO-Stuff card),
+    else one entry per block: the side, in patches, of the square windows that block attends
+    within (the image grid is zero-padded to whole windows, as in ViT-Adapter's BEiTv2
+    detector), 0 for a global block. ``cls_token``: prepend a class token (the segmentation
+    variant keeps it through the blocks; its bias table then has 3 extra entries).
+    """
+
+    kind: Literal["beit"] = "beit"
+    patch_size: int = 16
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    layer_scale_init: float = 1e-6
+    drop_path_rate: float = 0.3
+    cls_token: bool = True
+    rel_pos_grid: int = 56
+    window_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_kind(self, "beit")
+        check_ints(
+            self, patch_size=(1, 64), embed_dim=(1, 8192), depth=(1, 256), num_heads=(1, 256), rel_pos_grid=(1, 1024)
+        )
+        check_floats(self, mlp_ratio=(0.0, 64.0), layer_scale_init=(0.0, 1e3), drop_path_rate=(0.0, 1.0))
+        check_bools(self, "qkv_bias", "cls_token")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"BeitConfig.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.window_sizes:
+            _check_int_tuple(self, "window_sizes", (0, 1024))
+            if len(self.window_sizes) != self.depth:
+                raise ConfigError(
+                    f"BeitConfig.window_sizes has {len(self.window_sizes)} entries for {self.depth} blocks"
+                )
+            if self.cls_token:
+                raise ConfigError("BeitConfig: windowed attention has no place for a class token; set cls_token=false")
+
+
+@dataclass(frozen=True)
+class ViTAdapterConfig:
+    """ViT-Adapter (Chen et al., 2023) around a BEiT: four maps at strides 4-32, all ``vit.embed_dim`` wide.
+
+    A convolutional spatial prior (stem width ``conv_inplane``) feeds the transformer through
+    an injector and reads it back through extractors (deformable attention with
+    ``deform_num_heads`` heads, ``deform_num_points`` points, values ``deform_ratio`` as wide
+    as the tokens; conv-FFN ``cffn_ratio`` as wide) around each span of blocks in
+    ``interaction_indexes`` (first and last block, inclusive). ``vit_feature_per_interaction``:
+    add each interaction's transformer output to its own map (the segmentation release), or
+    the last one to all four (the detection release).
+    """
+
+    kind: Literal["vit_adapter"] = "vit_adapter"
+    vit: BeitConfig = field(default_factory=BeitConfig)
+    conv_inplane: int = 64
+    deform_num_heads: int = 16
+    deform_num_points: int = 4
+    deform_ratio: float = 0.5
+    cffn_ratio: float = 0.25
+    interaction_indexes: tuple[tuple[int, int], ...] = ((0, 5), (6, 11), (12, 17), (18, 23))
+    vit_feature_per_interaction: bool = True
+
+    def __post_init__(self) -> None:
+        _check_kind(self, "vit_adapter")
+        if not isinstance(self.vit, BeitConfig):
+            raise ConfigError(f"ViTAdapterConfig.vit must be a BeitConfig, got {type(self.vit).__name__}")
+        check_ints(self, conv_inplane=(1, 4096), deform_num_heads=(1, 256), deform_num_points=(1, 64))
+        check_floats(self, deform_ratio=(0.0, 16.0), cffn_ratio=(0.0, 16.0))
+        check_bools(self, "vit_feature_per_interaction")
+        value_dim = self.vit.embed_dim * self.deform_ratio
+        if value_dim != int(value_dim) or int(value_dim) % self.deform_num_heads:
+            raise ConfigError(
+                f"ViTAdapterConfig: embed_dim*deform_ratio={value_dim:g} must be a whole number divisible by "
+                f"deform_num_heads={self.deform_num_heads}"
+            )
+        spans = self.interaction_indexes
+        expected_start = 0
+        if not (isinstance(spans, tuple) and spans):
+            raise ConfigError(f"ViTAdapterConfig.interaction_indexes must be (first, last) pairs, got {spans!r}")
+        for span in spans:
+            if not (isinstance(span, tuple) and len(span) == 2 and all(_is_int(v) for v in span)):
+                raise ConfigError(f"ViTAdapterConfig.interaction_indexes must be (first, last) pairs, got {spans!r}")
+            if span[0] != expected_start or span[1] < span[0]:
+                raise ConfigError(
+                    f"ViTAdapterConfig.interaction_indexes {spans!r} must cover the blocks in order without gaps"
+                )
+            expected_start = span[1] + 1
+        if self.vit_feature_per_interaction and len(spans) != 4:
+            raise ConfigError(
+                f"ViTAdapterConfig: vit_feature_per_interaction adds one interaction's output to each of the "
+                f"four maps, so it needs 4 interaction spans, got {len(spans)}"
+            )
+        if expected_start != self.vit.depth:
+            raise ConfigError(
+                f"ViTAdapterConfig.interaction_indexes {spans!r} end at block {expected_start - 1}, "
+                f"but the transformer has {self.vit.depth} blocks"
+            )
+
+
+BackboneConfig = Union[ResNetConfig, SwinConfig, ViTAdapterConfig]
 
 
 @dataclass(frozen=True)
@@ -71,9 +176,29 @@ class PreprocessConfig:
     size_divisibility: int = 32
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # mmseg's ``ResizeToMultiple``: stretch the resized image up to the next multiple of
+    # ``size_divisibility`` instead of zero-padding it.
+    resize_to_multiple: bool = False
+    # Semantic task only: run ``window`` x ``window`` crops every ``window_stride`` pixels and
+    # average their class scores where they overlap (mmseg's slide inference); 0 = whole image.
+    window: int = 0
+    window_stride: int = 0
 
     def __post_init__(self) -> None:
-        check_ints(self, short_side=(1, 16384), max_size=(1, 16384), size_divisibility=(0, 1024))
+        check_ints(
+            self,
+            short_side=(1, 16384),
+            max_size=(1, 16384),
+            size_divisibility=(0, 1024),
+            window=(0, 16384),
+            window_stride=(0, 16384),
+        )
+        check_bools(self, "resize_to_multiple")
+        if (self.window == 0) != (self.window_stride == 0) or self.window_stride > self.window:
+            raise ConfigError(
+                f"PreprocessConfig: window={self.window} and window_stride={self.window_stride} must both be 0, "
+                "or a stride no larger than the window (larger strides leave pixels unseen)"
+            )
         for name, low in (("mean", -1e4), ("std", 1e-6)):
             value = getattr(self, name)
             if not (
@@ -117,7 +242,7 @@ class Mask2FormerConfig:
     test_topk_per_image: int = 100
 
     def __post_init__(self) -> None:
-        if not isinstance(self.backbone, (ResNetConfig, SwinConfig)):
+        if not isinstance(self.backbone, (ResNetConfig, SwinConfig, ViTAdapterConfig)):
             raise ConfigError(
                 f"Mask2FormerConfig.backbone must be a backbone config, got {type(self.backbone).__name__}"
             )
@@ -207,10 +332,19 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def backbone_config_from_dict(data: dict[str, Any]) -> BackboneConfig:
     """Inverse of ``config_to_dict`` for a backbone config, dispatching on ``kind``."""
-    kinds: dict[str, type] = {"resnet": ResNetConfig, "swin": SwinConfig}
-    kind = data.get("kind")
+    kinds: dict[str, type] = {"resnet": ResNetConfig, "swin": SwinConfig, "vit_adapter": ViTAdapterConfig}
+    kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in kinds:
         raise ConfigError(f"unknown backbone kind {kind!r}; expected one of {sorted(kinds)}")
+    if kind == "vit_adapter":
+        data = dict(data)
+        vit = data.pop("vit", None)
+        if not isinstance(vit, dict) or vit.get("kind", "beit") != "beit":
+            raise ConfigError(f"a ViT-Adapter config needs a BEiT 'vit' object, got {str(vit)[:100]}")
+        spans = data.get("interaction_indexes")
+        if isinstance(spans, list):
+            data["interaction_indexes"] = tuple(tuple(s) if isinstance(s, list) else s for s in spans)
+        return _from_dict(ViTAdapterConfig, data, vit=_from_dict(BeitConfig, vit))
     return _from_dict(kinds[kind], data)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from segscope.config import BackboneConfig, ResNetConfig, SwinConfig
+from segscope.config import BackboneConfig, ResNetConfig, SwinConfig, ViTAdapterConfig
 from segscope.models.backbones.base import OUT_STRIDES, Backbone
 from segscope.models.backbones.resnet import ResNet
 from segscope.models.backbones.swin import Swin
+from segscope.models.backbones.vit_adapter import ViTAdapter
 
-__all__ = ["OUT_STRIDES", "Backbone", "ResNet", "Swin", "build_backbone"]
+__all__ = ["OUT_STRIDES", "Backbone", "ResNet", "Swin", "ViTAdapter", "build_backbone"]
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
@@ -16,4 +17,6 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
         return ResNet(cfg)
     if isinstance(cfg, SwinConfig):
         return Swin(cfg)
+    if isinstance(cfg, ViTAdapterConfig):
+        return ViTAdapter(cfg)
     raise ValueError(f"no backbone is registered for config type {type(cfg).__name__}")

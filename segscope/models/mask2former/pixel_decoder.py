@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segscope.models.init import caffe2_xavier_init
-from segscope.models.ops.ms_deform_attn import MultiScaleDeformableAttention
+from segscope.models.ops.ms_deform_attn import MultiScaleDeformableAttention, level_reference_points
 from segscope.models.ops.position_encoding import sine_position_encoding
 
 # Strides 32, 16 and 8 enter the deformable encoder; stride 4 only the FPN step.
@@ -52,24 +52,6 @@ class DeformableEncoderLayer(nn.Module):
         attended = self.self_attn(x + pos, reference_points, x, spatial_shapes, level_start_index)
         x = self.self_attn_norm(x + attended)
         return self.ffn_norm(x + self.linear2(F.relu(self.linear1(x))))
-
-
-def encoder_reference_points(spatial_shapes: list[tuple[int, int]], batch: int, device: torch.device) -> Tensor:
-    """Pixel centres of every level as ``(x, y)`` in ``[0, 1]``, repeated for every level.
-
-    Returns ``[B, S, L, 2]`` float32 whatever the model's dtype: in bfloat16 the centres of a
-    200-pixel-wide map would be off by up to half a pixel. Without padding masks the valid
-    region is the whole map, so a query's reference point is the same relative position on
-    each level it samples.
-    """
-    centres = []
-    for height, width in spatial_shapes:
-        y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
-        x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
-        grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
-        centres.append(torch.stack((grid_x.flatten(), grid_y.flatten()), dim=-1))
-    points = torch.cat(centres, dim=0)  # [S, 2]
-    return points[None, :, None, :].expand(batch, -1, len(spatial_shapes), -1)
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
@@ -135,7 +117,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         )[None]  # [1, S, C]
         level_sizes = [h * w for h, w in spatial_shapes]
         level_start_index = torch.tensor([0, *level_sizes[:-1]], device=device).cumsum(0)
-        reference_points = encoder_reference_points(spatial_shapes, batch, device)
+        reference_points = level_reference_points(spatial_shapes, batch, device)
+        reference_points = reference_points.expand(-1, -1, len(spatial_shapes), -1)
         for layer in self.layers:
             tokens = layer(tokens, pos, reference_points, spatial_shapes, level_start_index)
 

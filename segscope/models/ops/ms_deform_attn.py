@@ -83,23 +83,26 @@ class MultiScaleDeformableAttention(nn.Module):
 
     Each query predicts, per head, ``num_points`` offsets around its reference point on every
     level and one softmax weight per sampled point; values are a linear projection of the
-    flattened feature maps.
+    flattened feature maps (``value_dim`` wide, default ``dim``).
     """
 
-    def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, num_levels: int, num_points: int, value_dim: int | None = None
+    ) -> None:
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        value_dim = value_dim or dim  # ViT-Adapter samples values narrower than its tokens
+        if value_dim % num_heads != 0:
+            raise ValueError(f"value width {value_dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.num_levels = num_levels
         self.num_points = num_points
         self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
-        self.value_proj = nn.Linear(dim, dim)
-        self.output_proj = nn.Linear(dim, dim)
-        self._reset_parameters()
+        self.value_proj = nn.Linear(dim, value_dim)
+        self.output_proj = nn.Linear(value_dim, dim)
+        self.reset_parameters()
 
-    def _reset_parameters(self) -> None:
+    def reset_parameters(self) -> None:
         # Deformable DETR's start: every head samples along its own direction, point k at
         # distance k (in pixels of each level), all points weighted equally.
         nn.init.zeros_(self.sampling_offsets.weight)
@@ -126,6 +129,8 @@ class MultiScaleDeformableAttention(nn.Module):
     ) -> Tensor:
         """Attend from ``query [B,Q,C]`` to ``value [B,S,C]`` (all levels flattened).
 
+        ``spatial_shapes``: ``(H_l, W_l)`` of each level of ``value``.
+
         ``reference_points [B,Q,L,2]`` are ``(x, y)`` in ``[0, 1]`` per level; offsets are
         predicted in pixels of each level and normalized by its ``(W_l, H_l)``. Returns
         ``[B,Q,C]``.
@@ -143,3 +148,20 @@ class MultiScaleDeformableAttention(nn.Module):
         locations = reference_points[:, :, None, :, None, :] + offsets / level_extent[None, None, None, :, None, :]
         output = multi_scale_deformable_attention(values, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(output)
+
+
+def level_reference_points(spatial_shapes: Sequence[tuple[int, int]], batch: int, device: torch.device) -> Tensor:
+    """Pixel centres of every level's map as ``(x, y)`` in ``[0, 1]``, levels concatenated.
+
+    Returns ``[B, S, 1, 2]`` float32 whatever the model's dtype (in bfloat16 the centres of a
+    200-pixel-wide map would be off by up to half a pixel); callers expand the level axis to
+    the levels they sample. Without padding masks the valid region is the whole map, so a
+    query's reference point is the same relative position on every level.
+    """
+    centres = []
+    for height, width in spatial_shapes:
+        y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+        x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+        grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
+        centres.append(torch.stack((grid_x.flatten(), grid_y.flatten()), dim=-1))
+    return torch.cat(centres, dim=0)[None, :, None, :].expand(batch, -1, -1, -1)

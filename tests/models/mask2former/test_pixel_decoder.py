@@ -2,16 +2,16 @@ from __future__ import annotations
 
 import torch
 
-from segscope.models.mask2former.pixel_decoder import MSDeformAttnPixelDecoder, encoder_reference_points
+from segscope.models.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
+from segscope.models.ops.ms_deform_attn import level_reference_points
 
 
-def test_reference_points_are_pixel_centres_shared_across_levels() -> None:
-    points = encoder_reference_points([(2, 4), (1, 2)], batch=3, device=torch.device("cpu"))
-    assert points.shape == (3, 2 * 4 + 1 * 2, 2, 2) and points.dtype == torch.float32
+def test_reference_points_are_pixel_centres_of_each_level() -> None:
+    points = level_reference_points([(2, 4), (1, 2)], batch=3, device=torch.device("cpu"))
+    assert points.shape == (3, 2 * 4 + 1 * 2, 1, 2) and points.dtype == torch.float32
     # Row-major: the second position of level 0 is row 0, column 1 of a 2x4 map.
     torch.testing.assert_close(points[0, 1, 0], torch.tensor([1.5 / 4, 0.5 / 2]))
-    torch.testing.assert_close(points[0, 9, 1], torch.tensor([1.5 / 2, 0.5 / 1]))
-    assert torch.equal(points[:, :, 0], points[:, :, 1])
+    torch.testing.assert_close(points[0, 9, 0], torch.tensor([1.5 / 2, 0.5 / 1]))
 
 
 def test_outputs_mask_features_at_stride_4_and_levels_coarsest_first() -> None:
