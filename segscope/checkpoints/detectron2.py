@@ -42,7 +42,7 @@ def _latin1_encode(text: str, encoding: str) -> bytes:
     return text.encode("latin1")
 
 
-def _allowed_globals() -> dict[tuple[str, str], Any]:
+def numpy_globals() -> dict[tuple[str, str], Any]:
     """The only globals a pickle of numpy arrays needs, keyed by the name the pickle uses.
 
     numpy 2 moved ``numpy.core`` to ``numpy._core``; files written under either name resolve
@@ -68,7 +68,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-_ALLOWED_GLOBALS = _allowed_globals()
+_ALLOWED_GLOBALS = numpy_globals()
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -26,12 +26,12 @@ StateDict = dict[str, torch.Tensor]
 _KEYS_SHOWN = 10
 
 
-def read_weights(path: str | Path) -> StateDict:
+def read_weights(path: str | Path, *, opaque_metadata: bool = False) -> StateDict:
     """Read a ``.safetensors`` file or a torch checkpoint holding tensors.
 
     A torch checkpoint may be a bare state dict or wrap one under ``"model"`` or
     ``"state_dict"`` (trainer checkpoints). Raises ``CheckpointError`` for a missing,
-    truncated or unsafe file.
+    truncated or unsafe file. ``opaque_metadata``: see ``read_torch_file``.
     """
     path = Path(path)
     if not path.is_file():
@@ -41,13 +41,51 @@ def read_weights(path: str | Path) -> StateDict:
             return load_safetensors(str(path))
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"cannot read safetensors file {path}: {error}") from error
-    payload = read_torch_file(path)
+    payload = read_torch_file(path, opaque_metadata=opaque_metadata)
     return extract_state_dict(payload, path)
 
 
-def read_torch_file(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``, errors turned into ``CheckpointError``."""
+class OpaqueObject:
+    """Stands in for an object of a class segscope will not import: it takes any arguments
+    and state and does nothing with them, so nothing of the original class ever runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        del state
+
+
+def _opaque_globals(path: Path) -> list[Any]:
+    """What a weights-only load of ``path`` needs beyond tensors: numpy's array and scalar
+    builders (data, not code) as themselves, any other class or function as an inert
+    ``OpaqueObject`` subclass of the same name."""
+    import numpy as np
+
+    from segscope.checkpoints.detectron2 import numpy_globals
+
+    numpy_builders = numpy_globals()
+    allowed: list[Any] = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)):
+        module, _, attribute = name.rpartition(".")
+        builder = numpy_builders.get((module, attribute))
+        allowed.append((builder or type(attribute, (OpaqueObject,), {}), name))
+    return allowed
+
+
+def read_torch_file(path: Path, *, opaque_metadata: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True``, errors turned into ``CheckpointError``.
+
+    ``opaque_metadata``: training frameworks (mmcv/mmengine) store their own objects (log
+    buffers, numpy scores) next to the weights. Rather than refuse such a file, replace every
+    class or function it names by an inert ``OpaqueObject`` (torch still refuses the modules
+    it blocks outright, such as ``os``); a state dict made of anything but tensors is then
+    refused by ``extract_state_dict``.
+    """
     try:
+        if opaque_metadata and zipfile.is_zipfile(path):
+            with torch.serialization.safe_globals(_opaque_globals(path)):
+                return torch.load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
@@ -59,9 +97,10 @@ def read_torch_file(path: Path) -> Any:
 
 
 def extract_state_dict(payload: Any, source: str | Path) -> StateDict:
-    """The tensors of a loaded checkpoint, unwrapping ``{"model": ...}``/``{"state_dict": ...}``."""
+    """The tensors of a loaded checkpoint, unwrapping ``{"model" | "state_dict" | "module": ...}``
+    (trainers; BEiTv2's releases keep DDP's ``module``)."""
     if isinstance(payload, Mapping):
-        for wrapper in ("model", "state_dict"):
+        for wrapper in ("model", "state_dict", "module"):
             inner = payload.get(wrapper)
             if isinstance(inner, Mapping):
                 payload = inner
