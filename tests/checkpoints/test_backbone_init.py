@@ -191,3 +191,76 @@ def test_detectron2_urls_resolve_to_detectrons_storage(monkeypatch: pytest.Monke
     monkeypatch.setattr(backbone_init.download, "fetch_url", lambda url, sha256=None: fetched.append(url) or Path())
     backbone_init.resolve_weights_file("detectron2://ImageNetPretrained/torchvision/R-50.pkl")
     assert fetched == ["https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/torchvision/R-50.pkl"]
+
+
+# ---------------------------------------------------------------------------- BEiT releases
+
+
+def _beit_release(tmp_path: Path, shared_table: bool) -> tuple[Path, torch.nn.Module]:
+    """A timm BEiT at the release's 224 px (14x14 grid) saved in the official layout:
+    ``{"model": ...}`` with the classifier, and (pretraining-only files) one shared table."""
+    reference = timm.models.beit.Beit(
+        img_size=224, patch_size=16, num_classes=5, embed_dim=32, depth=2, num_heads=2,
+        use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1,
+    ).eval()
+    _randomize(reference)
+    state = dict(reference.state_dict())
+    if shared_table:
+        state["rel_pos_bias.relative_position_bias_table"] = state.pop("blocks.0.attn.relative_position_bias_table")
+        del state["blocks.1.attn.relative_position_bias_table"]
+        state["mask_token"] = torch.zeros(1, 1, 32)
+    path = tmp_path / "beit_release.pth"
+    torch.save({"model": state}, path)
+    return path, reference
+
+
+def _adapter(grid: int, windows: tuple[int, ...] = ()):
+    from segscope.config import BeitConfig, ViTAdapterConfig
+
+    vit = BeitConfig(
+        embed_dim=32, depth=2, num_heads=2, rel_pos_grid=grid, cls_token=not windows, window_sizes=windows,
+        layer_scale_init=0.1,
+    )
+    return build_backbone(
+        ViTAdapterConfig(
+            vit=vit, conv_inplane=8, deform_num_heads=2, interaction_indexes=((0, 0), (1, 1)),
+            vit_feature_per_interaction=False,
+        )
+    )
+
+
+def test_beit_release_fills_the_transformer_with_timms_resized_tables(tmp_path: Path) -> None:
+    path, reference = _beit_release(tmp_path, shared_table=False)
+    backbone = _adapter(grid=6).eval()
+    kept = load_backbone_weights(backbone, path)
+    assert kept and all(not k.startswith("vit.") for k in kept)  # only the adapter starts fresh
+    # At 96 px (a 6x6 grid) the transformer computes what timm's does with its own resizing.
+    resized = timm.models.beit.Beit(
+        img_size=96, patch_size=16, num_classes=5, embed_dim=32, depth=2, num_heads=2,
+        use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1,
+    ).eval()
+    resized.load_state_dict(timm.models.beit.checkpoint_filter_fn(reference.state_dict(), resized))
+    images = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        x = torch.cat((resized.cls_token, resized.patch_embed(images)), dim=1)
+        for block in resized.blocks:
+            x = block(x)
+        assert (backbone.vit(images) - x).abs().max() <= 1e-4
+
+
+def test_pretraining_release_shares_its_table_and_windowed_model_drops_class_rows(tmp_path: Path) -> None:
+    path, reference = _beit_release(tmp_path, shared_table=True)
+    backbone = _adapter(grid=14, windows=(7, 14))
+    load_backbone_weights(backbone, path)
+    shared = reference.state_dict()["blocks.0.attn.relative_position_bias_table"]
+    # The 14-patch window keeps the shared table without its three class-token rows.
+    torch.testing.assert_close(backbone.vit.blocks[1].attn.relative_position_bias_table, shared[:-3])
+    assert backbone.vit.blocks[0].attn.relative_position_bias_table.shape == (13 * 13, 2)
+    assert backbone.vit.cls_token is None
+
+
+def test_non_beit_file_for_a_vit_adapter_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "resnet.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a BEiT release"):
+        load_backbone_weights(_adapter(grid=6), path)
