@@ -12,6 +12,7 @@ from typing import Any, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -21,7 +22,7 @@ from segscope.io import list_images, load_image
 from segscope.loading import LoadedModel, load
 from segscope.models.mask2former import postprocess
 from segscope.results import SegmentationResult
-from segscope.transforms import Preprocessor
+from segscope.transforms import Preprocessor, sliding_windows
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 TASKS = ("panoptic", "semantic", "instance")
@@ -40,6 +41,10 @@ class SegmentationPipeline:
             post-processing, queries scoring at or below it take no pixels (default: the
             model's own, 0.8 for the published models). The semantic task keeps every pixel's
             winning class and refuses a threshold.
+
+    The semantic task of a model whose preprocessing sets a ``window`` runs by sliding windows
+    (``sliding_semantic_scores``; ``batch_size`` windows per forward pass); the other tasks
+    always see the whole image.
     """
 
     def __init__(
@@ -108,6 +113,8 @@ class SegmentationPipeline:
 
     @torch.inference_mode()
     def _run_batch(self, images: list[np.ndarray]) -> list[SegmentationResult]:
+        if self.task == "semantic" and self.model.description.preprocess.window > 0:
+            return [self._semantic_result(image, self.sliding_semantic_scores(image)) for image in images]
         batch = self.preprocessor(images, device=self.device)
         outputs = self.module(batch.images)
         padded_size = tuple(batch.images.shape[-2:])
@@ -119,6 +126,40 @@ class SegmentationPipeline:
             class_logits = outputs.class_logits[i].float()
             results.append(self._result(image, class_logits, mask_logits))
         return results
+
+    @torch.inference_mode()
+    def sliding_semantic_scores(self, image: np.ndarray) -> torch.Tensor:
+        """Class scores ``[C,H0,W0]`` of one HxWx3 uint8 ``image`` by mmseg's sliding-window inference.
+
+        The window scores are averaged where windows overlap, at the resized size, then
+        bilinearly resized to the original size (mmseg's ``slide_inference``).
+        """
+        summed, count = self._window_scores(self.preprocessor.prepare(image, self.device))
+        averaged = (summed / count)[None]
+        return F.interpolate(averaged, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+
+    def _window_scores(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed window scores ``[C,H,W]`` and count of covering windows ``[H,W]`` over ``pixels [3,H,W]``.
+
+        The crops go through the model ``batch_size`` at a time, zero-padded at the bottom and
+        right to the size divisibility; each crop's scores (``semantic_scores`` at the output
+        stride) are bilinearly resized to the padded crop size and cut back to the crop.
+        """
+        preprocess = self.model.description.preprocess
+        height, width = pixels.shape[-2:]
+        windows = sliding_windows(height, width, preprocess.window, preprocess.window_stride)
+        summed = pixels.new_zeros((self.model.description.config.num_classes, height, width))
+        count = pixels.new_zeros((height, width))
+        for start in range(0, len(windows), self.batch_size):
+            chunk = windows[start : start + self.batch_size]
+            crops = self.preprocessor.pad([pixels[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
+            outputs = self.module(crops)
+            for (y0, x0, y1, x1), class_logits, mask_logits in zip(chunk, outputs.class_logits, outputs.mask_logits):
+                scores = postprocess.semantic_scores(class_logits.float(), mask_logits.float())
+                scores = F.interpolate(scores[None], size=crops.shape[-2:], mode="bilinear", align_corners=False)[0]
+                summed[:, y0:y1, x0:x1] += scores[:, : y1 - y0, : x1 - x0]
+                count[y0:y1, x0:x1] += 1
+        return summed, count
 
     def _result(self, image: np.ndarray, class_logits: torch.Tensor, mask_logits: torch.Tensor) -> SegmentationResult:
         config = self.model.description.config

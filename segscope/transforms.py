@@ -1,7 +1,8 @@
 """Test-time preprocessing: resize, normalize and pad a list of images into one batch.
 
 The resize follows detectron2's ``ResizeShortestEdge`` (the rule Mask2Former was evaluated
-with), and ``sliding_windows`` follows mmseg's sliding-window inference grid.
+with), optionally followed by mmseg's ``ResizeToMultiple`` (stretch instead of padding), and
+``sliding_windows`` follows mmseg's sliding-window inference grid.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ class Batch:
     Attributes:
         images: [B, 3, Hp, Wp] float32, normalized, zero-padded at the bottom and right to a
             common size that is a multiple of the size divisibility.
-        image_sizes: (h, w) of each image after resizing, before padding.
+        image_sizes: (h, w) of each image after resizing, before padding (with
+            ``resize_to_multiple``, the stretched size: itself a multiple of the divisibility).
         original_sizes: (h, w) of each image as given.
     """
 
@@ -67,38 +69,56 @@ class Preprocessor:
         """Preprocess ``images`` (HxWx3 uint8 RGB each) on ``device`` (default: CPU)."""
         if len(images) == 0:
             raise ValueError("Preprocessor needs at least one image")
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        tensors = []
-        for index, image in enumerate(images):
-            _check_image(image, index)
-            tensors.append(normalize(self._resize(image, device), self.cfg))
-        padded = self._pad(tensors)
+        tensors = [self.prepare(image, device, index) for index, image in enumerate(images)]
         return Batch(
-            images=padded,
+            images=self.pad(tensors),
             image_sizes=[(t.shape[1], t.shape[2]) for t in tensors],
             original_sizes=[(image.shape[0], image.shape[1]) for image in images],
         )
 
+    def prepare(self, image: np.ndarray, device: str | torch.device | None = None, index: int = 0) -> torch.Tensor:
+        """One HxWx3 uint8 RGB ``image`` resized and normalized, not padded: [3, h, w] float32.
+
+        ``index`` only names the image in the error raised for a bad array.
+        """
+        _check_image(image, index)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        return normalize(self._resize(image, device), self.cfg)
+
     def _resize(self, image: np.ndarray, device: torch.device) -> torch.Tensor:
-        """[3, h, w] float32 in 0-255, resized with antialiased bilinear interpolation."""
+        """[3, h, w] float32 in 0-255: the short-side resize, then the stretch to a multiple if asked."""
         height, width = image.shape[:2]
-        size = resized_shape(height, width, self.cfg.short_side, self.cfg.max_size)
         # Copy to the device as uint8: a quarter of the bytes of float32.
         pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float()
-        if size == (height, width):
-            return pixels
-        resized = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-        # The reference pipelines resize uint8 images with PIL; rounding keeps the same quantization.
-        return resized.round_().clamp_(0, 255)
+        resized = _resize_pixels(pixels, resized_shape(height, width, self.cfg.short_side, self.cfg.max_size))
+        if not self.cfg.resize_to_multiple:
+            return resized
+        # mmseg's ResizeToMultiple: a second resize of the (quantized) resized image.
+        divisor = self._divisor()
+        return _resize_pixels(resized, (_round_up(resized.shape[1], divisor), _round_up(resized.shape[2], divisor)))
 
-    def _pad(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        divisor = max(self.cfg.size_divisibility, 1)
+    def _divisor(self) -> int:
+        return max(self.cfg.size_divisibility, 1)
+
+    def pad(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Tensors ``[3, h, w]`` zero-padded at the bottom and right and stacked: ``[B, 3, Hp, Wp]``,
+        the largest h and w rounded up to a multiple of the size divisibility."""
+        divisor = self._divisor()
         height = _round_up(max(t.shape[1] for t in tensors), divisor)
         width = _round_up(max(t.shape[2] for t in tensors), divisor)
         batch = tensors[0].new_zeros((len(tensors), 3, height, width))
         for i, tensor in enumerate(tensors):
             batch[i, :, : tensor.shape[1], : tensor.shape[2]] = tensor
         return batch
+
+
+def _resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``pixels [3, h, w]`` (0-255) resized to ``size`` with antialiased bilinear interpolation."""
+    if size == tuple(pixels.shape[1:]):
+        return pixels
+    resized = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    # The reference pipelines resize uint8 images with PIL; rounding keeps the same quantization.
+    return resized.round_().clamp_(0, 255)
 
 
 def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:

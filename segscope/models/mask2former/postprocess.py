@@ -78,16 +78,25 @@ def mask_logits_to_image(
     return F.interpolate(image, size=original_size, mode="bilinear", align_corners=False)[0]
 
 
-def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
-    """Per-class score maps ``[C,H,W]``: over queries, sum of class probability x mask probability.
+def semantic_scores(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
+    """Per-class score maps ``[C,h,w]`` of ``class_logits [Q,C+1]``, ``mask_logits [Q,h,w]`` at any size.
 
-    Class probabilities are the softmax over ``C+1`` with "no object" then dropped, so a pixel's
-    scores need not sum to 1. Detectron2 resizes mask logits before this (as the pipeline does);
-    HF's ``post_process_semantic_segmentation`` resizes these scores instead.
+    Over queries, the sum of class probability x mask probability; class probabilities are the
+    softmax over ``C+1`` with "no object" then dropped, so a pixel's scores need not sum to 1.
     """
     _num_classes(class_logits, mask_logits)
     class_probs = class_logits.softmax(-1)[:, :-1]
     return torch.einsum("qc,qhw->chw", class_probs, mask_logits.sigmoid())
+
+
+def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
+    """Per-class score maps ``[C,H,W]`` (``semantic_scores``) of mask logits at the image's size.
+
+    Detectron2 resizes mask logits before the scores (as the pipeline does); HF's
+    ``post_process_semantic_segmentation`` and mmseg (the pipeline's sliding windows) resize
+    the scores instead.
+    """
+    return semantic_scores(class_logits, mask_logits)
 
 
 def panoptic_inference(
