@@ -1,4 +1,4 @@
-"""The ``segscope`` command: predict, train, eval, models."""
+"""The ``segscope`` command: predict, train, eval, models, convert."""
 
 from __future__ import annotations
 
@@ -229,11 +229,60 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "convert",
+        help="convert a checkpoint of another toolbox to a segscope .safetensors model",
+        description="Reads SOURCE without running pickled code, converts its weights for the architecture of "
+        "--model, loads them strictly (every key accounted for) and writes one .safetensors file that "
+        "carries the config, the categories and the test-time settings.",
+    )
+    parser.add_argument("source", help="the checkpoint file (a .pth, .pkl or a .zip holding one)")
+    parser.add_argument("--format", "-f", required=True, help="the file's layout: " + ", ".join(_file_formats()))
+    parser.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        help="the architecture, categories and test settings the weights are for: a zoo name or a segscope checkpoint",
+    )
+    parser.add_argument("--out", "-o", required=True, help="the .safetensors file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.set_defaults(run=_convert)
+
+
+def _file_formats() -> list[str]:
+    from segscope.checkpoints.convert import FILE_FORMATS
+
+    return list(FILE_FORMATS)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from segscope.checkpoints.convert import converted_weights
+    from segscope.checkpoints.segscope_format import save_model
+    from segscope.errors import InputNotFoundError, OptionError
+    from segscope.loading import describe
+    from segscope.models import build_model
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise OptionError(f"--out must name a .safetensors file, got {out}")
+    if out.exists() and not args.overwrite:
+        raise OptionError(f"{out} exists; pass --overwrite to replace it")
+    if not Path(args.source).is_file():
+        raise InputNotFoundError(f"checkpoint not found: {args.source}")
+    description = describe(args.model)
+    model = build_model(description.config)
+    converted_weights(args.source, args.format, model)
+    save_model(out, model.state_dict(), description)
+    print(f"wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="segscope", description="Image segmentation: run, train, evaluate.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_predict, _add_train, _add_eval, _add_models):
+    for add in (_add_predict, _add_train, _add_eval, _add_models, _add_convert):
         add(commands)
     return parser
 

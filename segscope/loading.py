@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from segscope.checkpoints import download
+from segscope.checkpoints.convert import FILE_FORMATS, converted_weights
 from segscope.checkpoints.safe_load import StateDict, load_state_dict_strict, read_weights
 from segscope.checkpoints.segscope_format import ModelDescription, is_segscope_file, read_model
 from segscope.config import PreprocessConfig
@@ -40,14 +41,40 @@ class LoadedModel:
 
 def load(model: str | os.PathLike[str]) -> LoadedModel:
     """Resolve ``model`` (see module docstring), build the network and load its weights."""
-    state_dict, description, name = _resolve(model)
+    spec = os.fspath(model)
+    entry = get_entry(spec)
+    if entry is not None and entry.source.format in FILE_FORMATS:
+        # A foreign release: its converter needs the model it converts for.
+        description = _zoo_description(entry)
+        module = build_model(description.config)
+        path = download.fetch_url(entry.source.url, sha256=entry.source.sha256)
+        converted_weights(path, entry.source.format, module)
+        return LoadedModel(module.eval(), description, entry.name)
+    state_dict, description, name = _resolve(spec)
     module = build_model(description.config)
     load_state_dict_strict(module, state_dict, name)
     return LoadedModel(module.eval(), description, name)
 
 
-def _resolve(model: str | os.PathLike[str]) -> tuple[StateDict, ModelDescription, str]:
+def describe(model: str | os.PathLike[str]) -> ModelDescription:
+    """What ``model`` (a zoo name or a segscope checkpoint) is, without its weights."""
     spec = os.fspath(model)
+    entry = get_entry(spec)
+    if entry is not None:
+        return _zoo_description(entry)
+    path = Path(spec).expanduser()
+    if path.is_file() and (path.suffix != ".safetensors" or is_segscope_file(path)):
+        return read_model(path)[1]
+    raise CheckpointError(
+        f"{spec!r} is neither a zoo model ({', '.join(list_models())}) nor a segscope checkpoint"
+    )
+
+
+def _zoo_description(entry: ZooEntry) -> ModelDescription:
+    return ModelDescription(entry.config, get_category_set(entry.categories), entry.preprocess, entry.default_task)
+
+
+def _resolve(spec: str) -> tuple[StateDict, ModelDescription, str]:
     entry = get_entry(spec)
     if entry is not None:
         return *_load_zoo_entry(entry), entry.name
@@ -80,14 +107,6 @@ def _load_zoo_entry(entry: ZooEntry) -> tuple[StateDict, ModelDescription]:
     if source.format == "segscope":
         path = resources.files("segscope") / source.package_file
         return read_model(Path(str(path)))
-    if source.format == "detectron2":
-        from segscope.checkpoints.detectron2 import convert_detectron2_mask2former, read_detectron2_pickle
-
-        raw = read_detectron2_pickle(download.fetch_url(source.url, sha256=source.sha256))
-        description = ModelDescription(
-            entry.config, get_category_set(entry.categories), entry.preprocess, entry.default_task
-        )
-        return convert_detectron2_mask2former(raw), description
     raise CheckpointError(f"zoo entry {entry.name} has an unknown weight format {source.format!r}")
 
 

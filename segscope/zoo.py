@@ -5,9 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from segscope.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig
+from segscope.config import (
+    BeitConfig,
+    Mask2FormerConfig,
+    PreprocessConfig,
+    ResNetConfig,
+    SwinConfig,
+    ViTAdapterConfig,
+)
 
-WeightFormat = Literal["hf", "detectron2", "segscope"]
+# "hf": a transformers directory on the Hub; "segscope": a file in the package; the others are
+# files at a URL in a foreign layout (``segscope.checkpoints.convert.FILE_FORMATS``).
+WeightFormat = Literal["hf", "detectron2", "segscope", "mmseg0", "mmseg1", "mmdet2", "mmdet3"]
 Task = Literal["panoptic", "semantic", "instance"]
 
 
@@ -86,6 +95,53 @@ DEMO_CONFIG = Mask2FormerConfig(
 DEMO_PREPROCESS = PreprocessConfig(short_side=128, max_size=256)
 
 
+_VIT_ADAPTER_RELEASES = "https://github.com/czczup/ViT-Adapter/releases/download/"
+
+
+def vit_adapter_mask2former(
+    *,
+    windowed: bool,
+    num_classes: int,
+    head_dim: int,
+    head_heads: int,
+    ffn_dims: tuple[int, int],
+    queries: int,
+    drop_path: float,
+) -> Mask2FormerConfig:
+    """The ViT-Adapter-L (BEiT-L/16, 24 blocks) Mask2Former of the two ViT-Adapter cards.
+
+    ``windowed``: the COCO panoptic detector's BEiTv2 (14-patch windows, every sixth block
+    in 56-patch windows, no class token, the last interaction's tokens added to every map);
+    else the COCO-Stuff segmenter's BEiT (global attention over a 56x56 grid, class token,
+    each interaction's tokens added to its own map). ``ffn_dims``: (pixel decoder, decoder).
+    """
+    vit = BeitConfig(
+        drop_path_rate=drop_path,
+        cls_token=not windowed,
+        rel_pos_grid=56,
+        window_sizes=((14,) * 5 + (56,)) * 4 if windowed else (),
+    )
+    return Mask2FormerConfig(
+        backbone=ViTAdapterConfig(vit=vit, vit_feature_per_interaction=not windowed),
+        num_classes=num_classes,
+        pixel_decoder_dim=head_dim,
+        mask_dim=head_dim,
+        pixel_decoder_ffn_dim=ffn_dims[0],
+        pixel_decoder_heads=head_heads,
+        hidden_dim=head_dim,
+        num_queries=queries,
+        decoder_heads=head_heads,
+        decoder_ffn_dim=ffn_dims[1],
+    )
+
+
+# mmseg's COCO-Stuff test: short side 896 (long side at most 3584), stretched to a multiple of
+# 32, 896x896 windows every 512 pixels.
+COCO_STUFF_896_SLIDING = PreprocessConfig(
+    short_side=896, max_size=3584, resize_to_multiple=True, window=896, window_stride=512
+)
+
+
 def _build_zoo() -> dict[str, ZooEntry]:
     entries = [
         ZooEntry(
@@ -111,6 +167,49 @@ def _build_zoo() -> dict[str, ZooEntry]:
             card_metric="PQ 51.6",
             description="Mask2Former, ResNet-50, COCO panoptic (133 classes)",
         )
+    ]
+    entries += [
+        ZooEntry(
+            name="vitadapter-beit-l-cocostuff164k-semantic",
+            config=vit_adapter_mask2former(
+                windowed=False,
+                num_classes=171,
+                head_dim=1024,
+                head_heads=32,
+                ffn_dims=(4096, 4096),
+                queries=200,
+                drop_path=0.3,
+            ),
+            categories="coco_stuff",
+            source=WeightSource(
+                format="mmseg0",
+                url=_VIT_ADAPTER_RELEASES + "v0.2.6/mask2former_beit_adapter_large_896_80k_cocostuff164k.zip",
+            ),
+            default_task="semantic",
+            card_metric="mIoU 47.2 (aAcc 69.9, mAcc 57.2)",
+            description="ViT-Adapter-L (BEiT-L) + Mask2Former, COCO-Stuff-164k semantic (171 classes), sliding 896",
+            preprocess=COCO_STUFF_896_SLIDING,
+        ),
+        ZooEntry(
+            name="vitadapter-beitv2-l-coco-panoptic",
+            config=vit_adapter_mask2former(
+                windowed=True,
+                num_classes=133,
+                head_dim=256,
+                head_heads=8,
+                ffn_dims=(1024, 2048),
+                queries=100,
+                drop_path=0.4,
+            ),
+            categories="coco_panoptic",
+            source=WeightSource(
+                format="mmdet2",
+                url=_VIT_ADAPTER_RELEASES + "panoptic/mask2former_beitv2_adapter_large_16x1_3x_coco-panoptic.pth",
+            ),
+            default_task="panoptic",
+            card_metric="PQ 58.4 (things 65.0, stuff 48.4), box AP 52.9, mask AP 48.9",
+            description="ViT-Adapter-L (BEiTv2-L, windowed) + Mask2Former, COCO panoptic (133 classes)",
+        ),
     ]
     for size, (backbone, hub_id, metric) in _SWIN_VARIANTS.items():
         large = size == "l"

@@ -27,6 +27,9 @@ Dropped: ``relative_position_index`` buffers (rebuilt), ``data_preprocessor.*`` 
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -201,6 +204,25 @@ def read_mmlab_checkpoint(path: str | Path) -> StateDict:
     """The ``state_dict`` of an mmcv/mmengine checkpoint, read without running pickled code.
 
     Their ``meta``/``message_hub`` entries hold the frameworks' own objects; those become
-    inert placeholders (``safe_load.read_torch_file``) and are discarded.
+    inert placeholders (``safe_load.read_torch_file``) and are discarded. A ``.zip`` holding
+    one checkpoint (how the ViT-Adapter project publishes its segmenters) is read through.
     """
+    path = Path(path)
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            # A torch checkpoint is itself a zip, recognised by its pickle entry.
+            if not any(name.endswith("data.pkl") for name in names):
+                return _read_zipped_checkpoint(archive, names, path)
     return read_weights(path, opaque_metadata=True)
+
+
+def _read_zipped_checkpoint(archive: zipfile.ZipFile, names: list[str], path: Path) -> StateDict:
+    members = [name for name in names if name.endswith((".pth", ".pt", ".pth.tar"))]
+    if len(members) != 1:
+        raise CheckpointError(f"{path} is a zip archive with {len(members)} checkpoints ({members[:5]}); expected one")
+    with tempfile.TemporaryDirectory(prefix="segscope-unzip-") as directory:
+        target = Path(directory) / "checkpoint.pth"
+        with archive.open(members[0]) as source, target.open("wb") as sink:
+            shutil.copyfileobj(source, sink, length=1 << 20)
+        return read_weights(target, opaque_metadata=True)

@@ -222,7 +222,7 @@ class Beit(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.cls_token else None
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         windows = cfg.window_sizes or (0,) * cfg.depth
         self.blocks = nn.ModuleList(BeitBlock(cfg, rate, window) for rate, window in zip(rates, windows))
         self._reset_parameters()
