@@ -71,6 +71,8 @@ def describe(model: str | os.PathLike[str]) -> ModelDescription:
 
 
 def _zoo_description(entry: ZooEntry) -> ModelDescription:
+    if entry.source.format == "segscope":  # a packaged model describes itself
+        return _load_zoo_entry(entry)[1]
     return ModelDescription(entry.config, get_category_set(entry.categories), entry.preprocess, entry.default_task)
 
 

@@ -166,11 +166,14 @@ def released_head(
 
 
 def random_tensors(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Seeded random values of ``shapes``: positive BatchNorm variances, integer buffers zero."""
     generator = torch.Generator().manual_seed(0)
     tensors = {}
     for key, shape in shapes.items():
         if key.endswith(("relative_position_index", "num_batches_tracked")):
             tensors[key] = torch.zeros(shape, dtype=torch.long)
+        elif key.endswith("running_var"):
+            tensors[key] = torch.rand(shape, generator=generator) + 0.5
         else:
-            tensors[key] = torch.randn(shape, generator=generator)
+            tensors[key] = 0.2 * torch.randn(shape, generator=generator)
     return tensors
