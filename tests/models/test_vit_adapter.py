@@ -111,3 +111,19 @@ def test_bias_table_resize_keeps_class_rows_and_is_differentiable() -> None:
 def test_beit_refuses_sizes_off_the_patch_grid() -> None:
     with pytest.raises(ValueError, match="divisible by 16"):
         Beit(BeitConfig(embed_dim=32, depth=1, num_heads=2))(torch.randn(1, 3, 40, 48))
+
+
+def test_resized_bias_table_is_reused_only_while_the_table_is_unchanged() -> None:
+    torch.manual_seed(0)
+    beit = Beit(BeitConfig(embed_dim=32, depth=1, num_heads=2, rel_pos_grid=4)).eval()
+    attention = beit.blocks[0].attn
+    images = torch.randn(1, 3, 96, 64)  # a 6x4 grid: the 4x4 table is resized
+    with torch.no_grad():
+        first = beit(images)
+        assert beit(images).equal(first)
+        attention.relative_position_bias_table.add_(torch.randn_like(attention.relative_position_bias_table))
+        changed = beit(images)
+    assert not changed.equal(first)
+    # With gradients on, the resize is part of the graph: the table learns.
+    beit(images).sum().backward()
+    assert attention.relative_position_bias_table.grad.abs().sum() > 0

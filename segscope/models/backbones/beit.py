@@ -138,6 +138,7 @@ class BeitAttention(nn.Module):
             torch.zeros((2 * table_grid - 1) ** 2 + self.extra_rows, num_heads)
         )
         self.proj = nn.Linear(dim, dim)
+        self._resized: tuple[tuple, Tensor] | None = None
 
     def forward(self, x: Tensor, grid: Grid) -> Tensor:
         """``x [B, N, C]``: the ``h*w`` patches of ``grid (h, w)`` (after the class token, if any)."""
@@ -153,12 +154,22 @@ class BeitAttention(nn.Module):
 
     def position_bias(self, grid: Grid) -> Tensor:
         """``[heads, N, N]`` additive attention bias for the tokens of ``grid``."""
-        table = resize_position_table(
-            self.relative_position_bias_table, (self.table_grid,) * 2, grid, self.extra_rows
-        )
-        index = _cached_index(grid, self.extra_rows > 0).to(table.device)
+        index = _cached_index(grid, self.extra_rows > 0).to(self.relative_position_bias_table.device)
         size = index.shape[0]
-        return table[index.view(-1)].view(size, size, -1).permute(2, 0, 1)
+        return self._table_for(grid)[index.view(-1)].view(size, size, -1).permute(2, 0, 1)
+
+    def _table_for(self, grid: Grid) -> Tensor:
+        """The bias table resized for ``grid``; kept between calls while no gradient is taken
+        and the table is unchanged (its version counter moves on every in-place update)."""
+        table = self.relative_position_bias_table
+        if grid == (self.table_grid, self.table_grid):
+            return table
+        if torch.is_grad_enabled():
+            return resize_position_table(table, (self.table_grid,) * 2, grid, self.extra_rows)
+        key = (grid, table._version, table.device, table.dtype)
+        if self._resized is None or self._resized[0] != key:
+            self._resized = (key, resize_position_table(table, (self.table_grid,) * 2, grid, self.extra_rows))
+        return self._resized[1]
 
     def _attend(self, x: Tensor, grid: Grid) -> Tensor:
         batch, tokens, channels = x.shape
