@@ -153,11 +153,20 @@ def _models(args: argparse.Namespace) -> int:
 def _add_train(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "train",
-        help="train Mask2Former on a COCO-panoptic directory (torchrun for several GPUs)",
-        description="Checkpoints go to WORK_DIR/epoch_N.pth after every epoch; --resume continues from the newest.",
+        help="train Mask2Former on panoptic or semantic data (torchrun for several GPUs)",
+        description="The config's task (panoptic or semantic) says what --data holds and what the model learns. "
+        "Checkpoints go to WORK_DIR/epoch_N.pth after every epoch; --resume continues from the newest.",
     )
     parser.add_argument("--config", "-c", required=True, help="preset name or JSON file")
-    parser.add_argument("--data", "-d", required=True, help="dataset root (annotations/panoptic_{split}.json, ...)")
+    parser.add_argument(
+        "--data",
+        "-d",
+        required=True,
+        help="dataset root; panoptic: annotations/panoptic_{split}.json, panoptic_{split}/ and {split}/ (COCO); "
+        "semantic: images and label PNGs in the config's semantic_image_dir and semantic_label_dir "
+        "(default {split}/ and semantic_{split}/; mmseg's COCO-Stuff: images/{split}/ and annotations/{split}/ "
+        "with semantic_label_suffix _labelTrainIds)",
+    )
     parser.add_argument("--work-dir", "-w", required=True)
     parser.add_argument("--max-epochs", type=int, required=True)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work dir")
@@ -170,7 +179,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, help="per process; overrides the config")
     parser.add_argument("--num-workers", type=int, help="data loader workers; overrides the config")
     parser.add_argument("--device", help="default: this process's GPU under torchrun, else cuda if available, else cpu")
-    parser.add_argument("--eval", action="store_true", help="evaluate PQ on the validation split at the end")
+    parser.add_argument(
+        "--eval",
+        action="store_true",
+        help="evaluate the trained task on the validation split at the end: PQ (panoptic) or mIoU (semantic)",
+    )
     parser.set_defaults(run=_train)
 
 

@@ -22,13 +22,15 @@ _LABEL_MODES = frozenset({"L", "P", "I", "I;16"})
 
 
 class SemanticSegDataset(Dataset):
-    """Images paired with ``label_dir/<image stem>.png`` label maps.
+    """Images paired with ``label_dir/<image stem><label_suffix>.png`` label maps.
 
     Args:
         image_dir: folder of images.
-        label_dir: folder of single-channel PNGs, one per image, same stem.
+        label_dir: folder of single-channel PNGs, one per image, named after its stem.
         ignore_index: label of unlabeled pixels (no target, no loss).
         categories: when given, every other label value must be below ``len(categories)``.
+        label_suffix: what follows the image's stem in its label map's name (mmseg's
+            COCO-Stuff: ``"_labelTrainIds"``).
 
     Items are dicts: ``image`` ``[H, W, 3]`` uint8, ``sem_seg`` ``[H, W]`` int64, ``image_id``
     (the stem) and ``file_name``.
@@ -45,6 +47,7 @@ class SemanticSegDataset(Dataset):
         label_dir: str | Path,
         ignore_index: int = 255,
         categories: CategorySet | None = None,
+        label_suffix: str = "",
     ) -> None:
         self.image_dir = Path(image_dir)
         self.label_dir = Path(label_dir)
@@ -52,14 +55,15 @@ class SemanticSegDataset(Dataset):
             raise InputNotFoundError(f"no such label folder: {self.label_dir}")
         self.ignore_index = ignore_index
         self.categories = categories
+        self.label_suffix = label_suffix
         self.images = list_images(self.image_dir)
         repeated = sorted(stem for stem, n in Counter(p.stem for p in self.images).items() if n > 1)
         if repeated:
             raise AnnotationError(f"{self.image_dir}: several images share the stem {repeated[0]!r}")
-        labeled = {p.stem for p in self.label_dir.glob("*.png")}
+        labeled = {p.name for p in self.label_dir.glob("*.png")}
         for image in self.images:
-            if image.stem not in labeled:
-                raise AnnotationError(f"{image}: no label map {self.label_dir / (image.stem + '.png')}")
+            if self._label_path(image).name not in labeled:
+                raise AnnotationError(f"{image}: no label map {self._label_path(image)}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -67,12 +71,15 @@ class SemanticSegDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.images[index]
         image = load_image(path)
-        sem_seg = self._load_labels(self.label_dir / f"{path.stem}.png", image.shape[:2])
+        sem_seg = self._load_labels(self._label_path(path), image.shape[:2])
         return {"image": image, "sem_seg": sem_seg, "image_id": path.stem, "file_name": path.name}
 
     def to_targets(self, item: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """``labels [K]`` and ``masks [K, H, W]`` bool, one per class present (ignore left out)."""
         return semantic_targets(item["sem_seg"], self.ignore_index)
+
+    def _label_path(self, image: Path) -> Path:
+        return self.label_dir / f"{image.stem}{self.label_suffix}.png"
 
     def _load_labels(self, path: Path, size: tuple[int, ...]) -> np.ndarray:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -14,8 +15,30 @@ _NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
 _NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_embed", "query_feat", "query_embed")
 
 
+# Head parameters BEiT's segmentation recipe puts at the bottom of the layer-decay stack (the
+# ViT-Adapter COCO-Stuff config's ``LayerDecayOptimizerConstructor``): mask and class heads,
+# query and level embeddings of the transformer decoder.
+_BOTTOM_LAYER_HEAD = re.compile(r"transformer_decoder\.(mask_head|class_head|level_embed|query_pos|query_feat)\.")
+
+
+def layer_decay_scale(model: nn.Module, name: str, solver: SolverConfig) -> float:
+    """``solver.layer_decay ** (L + 1 - layer)`` for parameter ``name`` of a backbone with ``L``
+    layers (``Backbone.layer_index``); 1 for parameters above the stack or without decay."""
+    backbone = getattr(model, "backbone", None)
+    depth = getattr(backbone, "num_layers", 0)
+    if solver.layer_decay == 1.0 or not depth:
+        return 1.0
+    layer = None
+    if name.startswith("backbone."):
+        layer = backbone.layer_index(name.removeprefix("backbone."))
+    elif solver.layer_decay_head_embeddings and _BOTTOM_LAYER_HEAD.match(name):
+        layer = 0
+    return 1.0 if layer is None else solver.layer_decay ** (depth + 1 - layer)
+
+
 def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.AdamW:
-    """AdamW with the backbone's lr scaled and no weight decay on norms and embeddings."""
+    """AdamW with the backbone's lr scaled (and decayed by layer, if asked) and no weight
+    decay on norms and embeddings."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -25,6 +48,7 @@ def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.AdamW
             seen.add(id(param))
             full_name = f"{module_name}.{param_name}"
             lr = solver.lr * (solver.backbone_lr_multiplier if full_name.startswith("backbone.") else 1.0)
+            lr *= layer_decay_scale(model, full_name, solver)
             no_decay = isinstance(module, (*_NORMS, nn.Embedding)) or any(n in full_name for n in _NO_DECAY_NAMES)
             groups.setdefault((lr, 0.0 if no_decay else solver.weight_decay), []).append(param)
     param_groups = [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]

@@ -8,16 +8,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from segscope.config import (
+    BeitConfig,
     Mask2FormerConfig,
     PreprocessConfig,
     ResNetConfig,
+    ViTAdapterConfig,
+    check_bools,
     check_floats,
     check_ints,
     config_to_dict,
     mask2former_config_from_dict,
 )
+from segscope.data.categories import get_category_set
 from segscope.errors import ConfigError, InputNotFoundError
-from segscope.zoo import DEMO_CONFIG, DEMO_PREPROCESS
+from segscope.zoo import DEMO_CONFIG, DEMO_PREPROCESS, get_entry
 
 
 @dataclass(frozen=True)
@@ -33,9 +37,15 @@ class SolverConfig:
     step_milestones: tuple[float, ...] = (0.889, 0.963)
     step_gamma: float = 0.1
     warmup_iters: int = 0
-    # Gradient clipping over the whole model (detectron2's "full_model" clip type).
+    # Gradient clipping over the whole model (detectron2's "full_model" clip type); 0 = none.
     clip_grad_norm: float = 0.01
     amp: bool = True  # mixed precision; only takes effect on CUDA
+    # Layer-wise lr decay of a layered backbone (BEiT): block i of L trains at
+    # lr * layer_decay ** (L - i), the patch embedding at layer_decay ** (L + 1); 1.0 = off.
+    layer_decay: float = 1.0
+    # BEiT's segmentation recipe also puts the decoder's query/level embeddings and its class
+    # and mask heads at the bottom of that stack.
+    layer_decay_head_embeddings: bool = False
 
     def __post_init__(self) -> None:
         check_floats(
@@ -46,7 +56,9 @@ class SolverConfig:
             poly_power=(0.0, 100.0),
             step_gamma=(0.0, 1.0),
             clip_grad_norm=(0.0, 1e6),
+            layer_decay=(0.0, 1.0),
         )
+        check_bools(self, "amp", "layer_decay_head_embeddings")
         check_ints(self, warmup_iters=(0, 10**9))
         if self.schedule not in ("poly", "step"):
             raise ConfigError(f"SolverConfig.schedule must be 'poly' or 'step', got {self.schedule!r}")
@@ -56,7 +68,22 @@ class SolverConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs besides the data directory and the work directory."""
+    """Everything a training run needs besides the data directory and the work directory.
+
+    ``task`` says what the data directory holds and what the model learns:
+
+    * ``"panoptic"``: COCO panoptic, ``annotations/panoptic_{split}.json`` with the PNGs in
+      ``panoptic_{split}/`` and the images in ``{split}/`` (``CocoPanopticDataset``); the
+      categories are the JSON's.
+    * ``"semantic"``: images in ``semantic_image_dir`` and one single-channel label PNG each
+      (contiguous class indices, 255 unlabeled) named ``<image stem><semantic_label_suffix>.png``
+      in ``semantic_label_dir``, both folders relative to the data directory with ``{split}``
+      replaced by the split. The defaults, ``{split}/`` and ``semantic_{split}/``, are the layout
+      ``segscope eval --task semantic`` reads; mmseg's COCO-Stuff-164k is ``images/{split}``,
+      ``annotations/{split}`` and ``_labelTrainIds`` with splits ``train2017`` and ``val2017``.
+      Label PNGs carry no names: ``categories`` names the category set their indices refer to
+      (``segscope.data.categories.get_category_set``, e.g. ``"coco_stuff"``).
+    """
 
     name: str
     model: Mask2FormerConfig
@@ -79,6 +106,12 @@ class TrainConfig:
     split_train: str = "train"
     split_val: str = "val"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    task: Literal["panoptic", "semantic"] = "panoptic"
+    # Task "semantic" only (see the class docstring): the category set and the folder layout.
+    categories: str | None = None
+    semantic_image_dir: str = "{split}"
+    semantic_label_dir: str = "semantic_{split}"
+    semantic_label_suffix: str = ""
 
     def __post_init__(self) -> None:
         check_ints(self, crop_size=(1, 16384), batch_size=(1, 65536), num_workers=(0, 1024), log_interval=(1, 10**9))
@@ -89,6 +122,43 @@ class TrainConfig:
         freeze = self.freeze_backbone_batchnorm
         if not (freeze is None or isinstance(freeze, bool)):
             raise ConfigError(f"TrainConfig.freeze_backbone_batchnorm must be true, false or null, got {freeze!r}")
+        if self.task not in ("panoptic", "semantic"):
+            raise ConfigError(f"TrainConfig.task must be 'panoptic' or 'semantic', got {self.task!r}")
+        for name in ("semantic_image_dir", "semantic_label_dir", "semantic_label_suffix"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"TrainConfig.{name} must be a string, got {getattr(self, name)!r}")
+        self._check_categories()
+
+    def _check_categories(self) -> None:
+        """``categories`` names a set of ``model.num_classes`` categories for task "semantic", else is None."""
+        if self.task == "panoptic":
+            if self.categories is not None:
+                raise ConfigError(
+                    f"TrainConfig.categories ({self.categories!r}) is for task 'semantic'; "
+                    "panoptic categories come from the annotation JSON"
+                )
+            return
+        if not isinstance(self.categories, str):
+            raise ConfigError(
+                "TrainConfig.categories must name the category set of the label maps for task 'semantic' "
+                f"(e.g. 'coco_stuff'), got {self.categories!r}"
+            )
+        try:
+            count = len(get_category_set(self.categories))
+        except ValueError as error:
+            raise ConfigError(f"TrainConfig.categories: {error}") from error
+        if count != self.model.num_classes:
+            raise ConfigError(
+                f"TrainConfig.categories {self.categories!r} has {count} categories but the model predicts "
+                f"{self.model.num_classes} classes; set model.num_classes to match"
+            )
+
+    def semantic_dirs(self, root: Path, split: str) -> tuple[Path, Path]:
+        """The image and label folders of ``split`` under ``root`` (task "semantic")."""
+        return (
+            root / self.semantic_image_dir.replace("{split}", split),
+            root / self.semantic_label_dir.replace("{split}", split),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -130,7 +200,93 @@ R50_COCO_PANOPTIC = TrainConfig(
     split_val="val2017",
 )
 
-TRAIN_CONFIGS: dict[str, TrainConfig] = {c.name: c for c in (TINY_SYNTHETIC, R50_COCO_PANOPTIC)}
+# ViT-Adapter's COCO panoptic recipe (its mmdet config): AdamW 1e-4 with layer decay 0.9 over
+# the 24 BEiTv2 blocks, lr x0.1 at 72% and 89% of training, gradient norm clipped at 0.01,
+# one image per GPU on 16 GPUs, from the BEiTv2-L ImageNet-21k weights. The original augments
+# by multi-scale resizing (short side 480-800); this engine's large-scale jitter is Mask2Former's.
+VITADAPTER_COCO_PANOPTIC = TrainConfig(
+    name="vitadapter-beitv2-l-coco-panoptic",
+    model=get_entry("vitadapter-beitv2-l-coco-panoptic").config,
+    solver=SolverConfig(
+        lr=1e-4,
+        weight_decay=0.05,
+        backbone_lr_multiplier=1.0,
+        schedule="step",
+        step_milestones=(191750 / 265500, 236000 / 265500),
+        clip_grad_norm=0.01,
+        layer_decay=0.9,
+    ),
+    batch_size=1,
+    backbone_init="beitv2-l-in21k-224",
+    # The adapter's BatchNorm layers are new (no ImageNet statistics): they train, synchronised.
+    freeze_backbone_batchnorm=False,
+    split_train="train2017",
+    split_val="val2017",
+)
+
+# ViT-Adapter's COCO-Stuff-164k recipe (its mmseg config): AdamW 2e-5 with layer decay 0.9 (the
+# decoder's embeddings and heads at the bottom of the stack, as its constructor does), linear
+# warm-up over 1500 iterations, then poly decay (power 1) to 0, no gradient clipping; 896 crops
+# of images rescaled 0.5-2x around short side 896; 16 images per iteration (2 per GPU on 8);
+# from the BEiT-L ImageNet-22k weights. Data in mmseg's layout (images/, annotations/ with
+# *_labelTrainIds.png label maps).
+VITADAPTER_COCO_STUFF = TrainConfig(
+    name="vitadapter-beit-l-cocostuff164k-semantic",
+    task="semantic",
+    categories="coco_stuff",
+    model=get_entry("vitadapter-beit-l-cocostuff164k-semantic").config,
+    solver=SolverConfig(
+        lr=2e-5,
+        weight_decay=0.05,
+        backbone_lr_multiplier=1.0,
+        schedule="poly",
+        poly_power=1.0,
+        warmup_iters=1500,
+        clip_grad_norm=0.0,
+        layer_decay=0.9,
+        layer_decay_head_embeddings=True,
+    ),
+    crop_size=896,
+    min_scale=0.5,
+    max_scale=2.0,
+    batch_size=2,
+    backbone_init="beit-l-in22k-224",
+    freeze_backbone_batchnorm=False,
+    semantic_image_dir="images/{split}",
+    semantic_label_dir="annotations/{split}",
+    semantic_label_suffix="_labelTrainIds",
+    split_train="train2017",
+    split_val="val2017",
+    preprocess=get_entry("vitadapter-beit-l-cocostuff164k-semantic").preprocess,
+)
+
+# A ViT-Adapter small enough to train on the synthetic shapes on a CPU: BEiT of width 64,
+# 4 blocks (one per interaction) over 128-pixel crops, the demo model's head; layer decay on.
+TINY_VITADAPTER_SYNTHETIC = replace(
+    TINY_SYNTHETIC,
+    name="vitadapter-tiny-synthetic",
+    model=replace(
+        DEMO_CONFIG,
+        backbone=ViTAdapterConfig(
+            vit=BeitConfig(embed_dim=64, depth=4, num_heads=4, rel_pos_grid=8, drop_path_rate=0.1),
+            conv_inplane=16,
+            deform_num_heads=4,
+            interaction_indexes=((0, 0), (1, 1), (2, 2), (3, 3)),
+        ),
+    ),
+    solver=replace(TINY_SYNTHETIC.solver, layer_decay=0.9),
+)
+
+TRAIN_CONFIGS: dict[str, TrainConfig] = {
+    c.name: c
+    for c in (
+        TINY_SYNTHETIC,
+        R50_COCO_PANOPTIC,
+        VITADAPTER_COCO_PANOPTIC,
+        VITADAPTER_COCO_STUFF,
+        TINY_VITADAPTER_SYNTHETIC,
+    )
+}
 
 
 def load_train_config(name_or_path: str, **overrides: Any) -> TrainConfig:

@@ -1,4 +1,7 @@
-"""Training Mask2Former on COCO-format panoptic data: one process or many under ``torchrun``.
+"""Training Mask2Former on panoptic or semantic data: one process or many under ``torchrun``.
+
+Both tasks share one loop and one loss: ``task_dataset`` picks the data of ``config.task``,
+whose ``to_targets`` gives the class-and-mask targets (one per segment or one per class).
 
 Reproducibility: parameters are initialised from ``seed``; every epoch reseeds the global
 RNG from ``(seed, epoch)`` and every sample draws its augmentation from a generator seeded
@@ -22,12 +25,14 @@ from tqdm.auto import tqdm
 from segscope.checkpoints.backbone_init import load_backbone_weights, resolve_weights_file
 from segscope.checkpoints.safe_load import load_state_dict_strict
 from segscope.checkpoints.segscope_format import ModelDescription, trainer_payload
+from segscope.data.categories import CategorySet, get_category_set
 from segscope.data.coco import CocoPanopticDataset
 from segscope.data.collate import collate
+from segscope.data.semantic import SemanticSegDataset
 from segscope.data.transforms import Sample, training_transform
 from segscope.engine import distributed
 from segscope.engine.checkpointing import epoch_path, latest_checkpoint, read_training_state, save_atomic
-from segscope.engine.evaluate import evaluate_panoptic
+from segscope.engine.evaluate import evaluate_panoptic, evaluate_semantic
 from segscope.engine.optim import build_optimizer, build_scheduler
 from segscope.engine.train_config import TrainConfig
 from segscope.errors import CheckpointError, ConfigError
@@ -35,6 +40,11 @@ from segscope.loading import LoadedModel, load
 from segscope.models import build_model
 from segscope.models.mask2former.criterion import SetCriterion, total_loss
 from segscope.transforms import normalize
+
+TaskDataset = CocoPanopticDataset | SemanticSegDataset
+
+# How ``Trainer.evaluate`` scores each task: PQ for panoptic, mIoU for semantic.
+_EVALUATIONS = {"panoptic": evaluate_panoptic, "semantic": evaluate_semantic}
 
 
 def _seed_for(*parts: int) -> int:
@@ -46,12 +56,13 @@ def _seed_for(*parts: int) -> int:
 
 
 class TrainingSamples(Dataset):
-    """A panoptic dataset as training samples: augmented image and Mask2Former targets.
+    """A panoptic or semantic dataset as training samples: augmented image and Mask2Former targets.
 
-    Each item is a ``Sample`` (image ``[3,S,S]`` uint8, labels ``[N]``, masks ``[N,S,S]``).
+    Each item is a ``Sample`` (image ``[3,S,S]`` uint8, labels ``[N]``, masks ``[N,S,S]``): the
+    targets are made at the original size and augmented with the image, as a label map would be.
     """
 
-    def __init__(self, dataset: CocoPanopticDataset, config: TrainConfig) -> None:
+    def __init__(self, dataset: TaskDataset, config: TrainConfig) -> None:
         self.dataset = dataset
         self.seed = config.seed
         self.epoch = 0
@@ -66,12 +77,26 @@ class TrainingSamples(Dataset):
         return self.transform(Sample.from_arrays(item["image"], *self.dataset.to_targets(item)), generator)
 
 
+def task_dataset(config: TrainConfig, data_root: Path, split: str) -> tuple[TaskDataset, CategorySet]:
+    """The ``split`` of ``config.task``'s data under ``data_root`` (layouts: see ``TrainConfig``)
+    and the categories its class indices refer to."""
+    if config.task == "semantic":
+        categories = get_category_set(config.categories)
+        image_dir, label_dir = config.semantic_dirs(data_root, split)
+        semantic = SemanticSegDataset(
+            image_dir, label_dir, categories=categories, label_suffix=config.semantic_label_suffix
+        )
+        return semantic, categories
+    panoptic = CocoPanopticDataset(data_root, split)
+    return panoptic, panoptic.categories
+
+
 class Trainer:
-    """Train, checkpoint, resume and evaluate a Mask2Former on a COCO-panoptic directory.
+    """Train, checkpoint, resume and evaluate a Mask2Former on panoptic or semantic data.
 
     Args:
-        config: the training configuration (model, solver, augmentation, batch size).
-        data_root: directory with ``annotations/panoptic_{split}.json`` and friends.
+        config: the training configuration (task, model, solver, augmentation, batch size).
+        data_root: the data directory in the layout of ``config.task`` (see ``TrainConfig``).
         work_dir: where ``epoch_N.pth``, ``log.jsonl`` and evaluation results go.
         device: defaults to this process's GPU under torchrun, else CUDA if any, else CPU.
         init_from: fine-tune from this model (any ``model=`` value: zoo name, Hub id,
@@ -95,14 +120,13 @@ class Trainer:
         self.data_root = Path(data_root)
         self.work_dir = Path(work_dir)
         self.context = distributed.setup(device)
-        self.train_set = CocoPanopticDataset(self.data_root, config.split_train)
-        categories = self.train_set.categories
+        self.train_set, categories = task_dataset(config, self.data_root, config.split_train)
         if len(categories) != config.model.num_classes:
             raise ConfigError(
                 f"the model predicts {config.model.num_classes} classes but {self.data_root} has "
                 f"{len(categories)} categories; set model.num_classes to match"
             )
-        self.description = ModelDescription(config.model, categories, config.preprocess, "panoptic")
+        self.description = ModelDescription(config.model, categories, config.preprocess, config.task)
         torch.manual_seed(config.seed)
         model = build_model(config.model)
         # Names of weights the initialisation left as built (a new class head, output norms).
@@ -179,8 +203,12 @@ class Trainer:
             if checkpoint is not None:
                 self._restore(read_training_state(checkpoint), scheduler)
         if self.context.is_distributed and not isinstance(self.model, DistributedDataParallel):
-            device_ids = [self.context.local_rank] if self.context.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.model, device_ids=device_ids)
+            on_gpu = self.context.device.type == "cuda"
+            if on_gpu and not self._frozen_norms:
+                # BatchNorm that trains sees one or two images per GPU: pool its statistics over
+                # all processes, as the references' SyncBN does (CUDA only, hence not on CPU runs).
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = DistributedDataParallel(self.model, device_ids=[self.context.local_rank] if on_gpu else None)
         last = epoch_path(self.work_dir, self.epoch)
         while self.epoch < max_epochs:
             self._train_epoch(scheduler, max_epochs)
@@ -220,7 +248,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.solver.clip_grad_norm)
+            if self.config.solver.clip_grad_norm > 0:  # 0: no clipping (mmseg's recipes)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.solver.clip_grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             scheduler.step()
@@ -264,17 +293,18 @@ class Trainer:
         self.iteration = int(state["iteration"])
 
     def evaluate(self, checkpoint: str | Path | None = None, split: str | None = None) -> dict[str, Any]:
-        """PQ/SQ/RQ of ``checkpoint`` (default: the model in memory) on ``split`` (default: val).
+        """Scores of ``checkpoint`` (default: the model in memory) on ``split`` (default: val).
 
-        Writes ``eval_<split>.json`` into the work dir and returns the figures.
+        Panoptic training is scored by PQ/SQ/RQ, semantic training by mIoU/aAcc/mAcc. Writes
+        ``eval_<split>.json`` into the work dir and returns the figures.
         """
         if checkpoint is None:
             loaded = LoadedModel(self._network, self.description, "trainer")
         else:
             loaded = load(checkpoint)
         split = split or self.config.split_val
-        dataset = CocoPanopticDataset(self.data_root, split)
-        results = evaluate_panoptic(loaded, dataset, device=self.context.device, context=self.context)
+        dataset, _ = task_dataset(self.config, self.data_root, split)
+        results = _EVALUATIONS[self.config.task](loaded, dataset, device=self.context.device, context=self.context)
         if self.context.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             (self.work_dir / f"eval_{split}.json").write_text(json.dumps(results, indent=2))

@@ -16,6 +16,15 @@ class Backbone(nn.Module):
 
     out_channels: tuple[int, ...]
     out_strides: tuple[int, ...] = OUT_STRIDES
+    # Depth for layer-wise learning-rate decay (0: the backbone has no such layering).
+    num_layers: int = 0
+
+    def layer_index(self, name: str) -> int | None:
+        """Layer of parameter ``name`` (backbone-relative) for layer-wise lr decay: 0 for the
+        input embedding, ``1..num_layers`` for the stacked blocks, None for everything else
+        (which trains at the full rate)."""
+        del name
+        return None
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images [B,3,H,W]`` -> ``[B,C_i,ceil(H/s_i),ceil(W/s_i)]`` for each stride ``s_i``."""

@@ -206,7 +206,17 @@ class ViTAdapter(Backbone):
         self.up = nn.ConvTranspose2d(dim, dim, 2, stride=2)
         # Synchronized across processes under DDP (the trainer converts them), as the original's SyncBN.
         self.norm1, self.norm2, self.norm3, self.norm4 = (nn.BatchNorm2d(dim) for _ in range(4))
+        self.num_layers = cfg.vit.depth
         self._reset_parameters()
+
+    def layer_index(self, name: str) -> int | None:
+        """The transformer's layering (BEiT's rule): embedding 0, block ``i`` at ``i + 1``; the
+        adapter trains at the full rate."""
+        if name in ("vit.cls_token",) or name.startswith("vit.patch_embed."):
+            return 0
+        if name.startswith("vit.blocks."):
+            return int(name.split(".")[2]) + 1
+        return None
 
     def _reset_parameters(self) -> None:
         # The original's: truncated normal linears, He-normal (fan-out) convolutions, unit norms,
