@@ -12,6 +12,10 @@ grid. Supported backbones: ViT-Adapter around BEiT/BEiTv2 (the ViT-Adapter proje
 | mmseg1   | mmsegmentation 1.x (mmcv 2.x)   | ``decode_head``  | ``self_attn``, ``cross_attn``, ``ffn`` |
 | mmdet3   | mmdetection 3.x (mmcv 2.x)      | ``panoptic_head``| ``self_attn``, ``cross_attn``, ``ffn`` |
 
+ModelScope's release of the COCO-Stuff card (``pytorch_model.pt``) is an mmseg 0.x model with
+the same module names (its ``Mask2FormerHeadFromMMSeg`` is the ViT-Adapter head under another
+name), so ``mmseg0`` reads it.
+
 mmcv 1.x decoder layers run ``cross_attn, norm, self_attn, norm, ffn, norm``, so
 ``attentions.0`` is the cross-attention and ``norms.0`` follows it; mmcv 2.x names them.
 The heads compute what segscope's (detectron2's) Mask2Former computes, so converting is
@@ -138,7 +142,7 @@ def _unfold_to_concat(tensor: Tensor) -> Tensor:
 
 
 def _convert(state_dict: Mapping[str, Tensor], model: nn.Module, head: str, style: str, name: str) -> StateDict:
-    if not any(key.startswith(f"{head}.") for key in state_dict):
+    if not any(key.removeprefix("module.").startswith(f"{head}.") for key in state_dict):
         prefixes = sorted({key.split(".", 1)[0] for key in state_dict})[:8]
         raise CheckpointError(
             f"not a {name} Mask2Former checkpoint: no '{head}.*' weights (top-level names: {prefixes})"
@@ -147,6 +151,7 @@ def _convert(state_dict: Mapping[str, Tensor], model: nn.Module, head: str, styl
     own = model.state_dict()
     converted: StateDict = {}
     for key, value in state_dict.items():
+        key = key.removeprefix("module.")  # saved from a DDP-wrapped model; mmcv strips it too
         if _DROPPED.fullmatch(key):
             continue
         new_key = rename_key(key, head_rules) or rename_key(key, _BACKBONE_RULES) or key

@@ -68,8 +68,8 @@ def test_vit_adapter_panoptic_release_loads_strictly(tmp_path: Path, fmt: str) -
     model = build_model(cfg)
     shapes = released_beit_adapter(detection=True, pretrain_grid=4)
     shapes |= released_head("panoptic_head", mmcv2=fmt == "mmdet3", in_channels=(D,) * 4)
-    tensors = random_tensors(shapes)
-    # mmdet's EMA hook leaves shadow copies beside the weights.
+    # Saved from a DDP-wrapped model (``module.``), and mmdet's EMA hook leaves shadow copies.
+    tensors = {f"module.{k}": v for k, v in random_tensors(shapes).items()}
     tensors["ema_backbone_level_embed"] = torch.zeros(3, D)
     converted = MMLAB_CONVERTERS[fmt](read_mmlab_checkpoint(_save_like_mmcv(tmp_path, tensors)), model)
     load_state_dict_strict(model, converted, "released.pth")
@@ -79,10 +79,11 @@ def test_vit_adapter_panoptic_release_loads_strictly(tmp_path: Path, fmt: str) -
     cross = "attentions.0.attn" if fmt == "mmdet2" else "cross_attn.attn"
     torch.testing.assert_close(
         decoder.layers[1].cross_attn.in_proj_weight,
-        tensors[f"panoptic_head.transformer_decoder.layers.1.{cross}.in_proj_weight"],
+        tensors[f"module.panoptic_head.transformer_decoder.layers.1.{cross}.in_proj_weight"],
     )
-    torch.testing.assert_close(decoder.mask_head.layers[2].weight, tensors["panoptic_head.mask_embed.4.weight"])
-    torch.testing.assert_close(model.backbone.vit.blocks[3].attn.q_bias, tensors["backbone.blocks.3.attn.q_bias"])
+    torch.testing.assert_close(decoder.mask_head.layers[2].weight, tensors["module.panoptic_head.mask_embed.4.weight"])
+    q_bias = tensors["module.backbone.blocks.3.attn.q_bias"]
+    torch.testing.assert_close(model.backbone.vit.blocks[3].attn.q_bias, q_bias)
 
 
 def test_wrong_format_is_named(tmp_path: Path) -> None:

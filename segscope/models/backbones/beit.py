@@ -156,7 +156,10 @@ class BeitAttention(nn.Module):
         """``[heads, N, N]`` additive attention bias for the tokens of ``grid``."""
         index = _cached_index(grid, self.extra_rows > 0).to(self.relative_position_bias_table.device)
         size = index.shape[0]
-        return self._table_for(grid)[index.view(-1)].view(size, size, -1).permute(2, 0, 1)
+        # Gathered head-major, so the bias is contiguous: scaled_dot_product_attention runs
+        # about 2.5x slower on CPU with the strided [N, N, heads] -> [heads, N, N] view.
+        per_head = self._table_for(grid).t().contiguous()
+        return per_head.index_select(1, index.view(-1)).view(-1, size, size)
 
     def _table_for(self, grid: Grid) -> Tensor:
         """The bias table resized for ``grid``; kept between calls while no gradient is taken
