@@ -144,9 +144,10 @@ def _models(args: argparse.Namespace) -> int:
     from segscope.zoo import ZOO
 
     width = max(len(name) for name in ZOO)
+    metric_width = max(len(entry.card_metric) for entry in ZOO.values())
     for name, entry in sorted(ZOO.items()):
         where = entry.source.hub_id or entry.source.url or "shipped with segscope"
-        print(f"{name:<{width}}  {entry.default_task:<9}  {entry.card_metric:<28}  {where}")
+        print(f"{name:<{width}}  {entry.default_task:<9}  {entry.card_metric:<{metric_width}}  {where}")
     return 0
 
 
