@@ -24,8 +24,9 @@ __version__ = "0.1.0"
 def load_model(model: str | os.PathLike[str]) -> nn.Module:
     """The network behind ``model`` (zoo name, Hub id, directory or checkpoint), in eval mode.
 
-    Its forward takes a normalized ``[B,3,H,W]`` tensor and returns an output whose
-    ``class_logits`` are ``[B,Q,C+1]`` and ``mask_logits`` ``[B,Q,H/4,W/4]``.
+    Its forward takes a normalized ``[B,3,H,W]`` tensor and returns its architecture's raw
+    outputs (for Mask2Former ``class_logits [B,Q,C+1]`` and ``mask_logits [B,Q,H/4,W/4]``);
+    ``segscope.registry`` says how each architecture's outputs become predictions.
     """
     return load(model).module
 

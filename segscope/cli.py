@@ -252,7 +252,13 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
         "carries the config, the categories and the test-time settings.",
     )
     parser.add_argument("source", help="the checkpoint file (a .pth, .pkl or a .zip holding one)")
-    parser.add_argument("--format", "-f", required=True, help="the file's layout: " + ", ".join(_file_formats()))
+    parser.add_argument(
+        "--format",
+        "-f",
+        required=True,
+        help="the file's layout, one the architecture of --model reads (Mask2Former: detectron2, mmseg0, mmseg1, "
+        "mmdet2, mmdet3)",
+    )
     parser.add_argument(
         "--model",
         "-m",
@@ -262,12 +268,6 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", "-o", required=True, help="the .safetensors file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.set_defaults(run=_convert)
-
-
-def _file_formats() -> list[str]:
-    from segscope.checkpoints.convert import FILE_FORMATS
-
-    return list(FILE_FORMATS)
 
 
 def _convert(args: argparse.Namespace) -> int:

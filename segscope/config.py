@@ -211,6 +211,7 @@ class PreprocessConfig:
 class Mask2FormerConfig:
     """Mask2Former: backbone, deformable-attention pixel decoder, masked-attention decoder."""
 
+    architecture: Literal["mask2former"] = "mask2former"
     backbone: BackboneConfig = field(default_factory=ResNetConfig)
     num_classes: int = 133
     # Pixel decoder (multi-scale deformable attention encoder + FPN).
@@ -242,6 +243,8 @@ class Mask2FormerConfig:
     test_topk_per_image: int = 100
 
     def __post_init__(self) -> None:
+        if self.architecture != "mask2former":
+            raise ConfigError(f"Mask2FormerConfig.architecture must be 'mask2former', got {self.architecture!r}")
         if not isinstance(self.backbone, (ResNetConfig, SwinConfig, ViTAdapterConfig)):
             raise ConfigError(
                 f"Mask2FormerConfig.backbone must be a backbone config, got {type(self.backbone).__name__}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from segscope.checkpoints import download
-from segscope.checkpoints.convert import FILE_FORMATS, converted_weights
+from segscope.checkpoints.convert import converted_weights
 from segscope.checkpoints.safe_load import StateDict, load_state_dict_strict, read_weights
 from segscope.checkpoints.segscope_format import ModelDescription, is_segscope_file, read_model
 from segscope.config import PreprocessConfig
@@ -43,7 +43,7 @@ def load(model: str | os.PathLike[str]) -> LoadedModel:
     """Resolve ``model`` (see module docstring), build the network and load its weights."""
     spec = os.fspath(model)
     entry = get_entry(spec)
-    if entry is not None and entry.source.format in FILE_FORMATS:
+    if entry is not None and entry.source.format not in ("hf", "segscope"):
         # A foreign release: its converter needs the model it converts for.
         description = _zoo_description(entry)
         module = build_model(description.config)

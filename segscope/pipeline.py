@@ -20,7 +20,8 @@ from segscope.devices import resolve_device
 from segscope.errors import ImageLoadError, OptionError
 from segscope.io import list_images, load_image
 from segscope.loading import LoadedModel, load
-from segscope.models.mask2former import postprocess
+from segscope.predictions import ImageSizes, InstancePrediction, PanopticPrediction
+from segscope.registry import architecture_of
 from segscope.results import SegmentationResult
 from segscope.transforms import Preprocessor, sliding_windows
 
@@ -58,19 +59,27 @@ class SegmentationPipeline:
         task = task or model.description.default_task
         if task not in TASKS:
             raise OptionError(f"unknown task {task!r}; expected one of {TASKS}")
+        self.architecture = architecture_of(model.description.config)
+        if task not in self.architecture.tasks:
+            raise OptionError(
+                f"{model.name} ({self.architecture.name}) serves the {', '.join(self.architecture.tasks)} "
+                f"task(s), not {task!r}"
+            )
         if batch_size < 1:
             raise OptionError(f"batch_size must be >= 1, got {batch_size}")
+        preprocess = model.description.preprocess
+        if task == "semantic" and preprocess.window > 0 and self.architecture.window_scores is None:
+            raise OptionError(f"{self.architecture.name} cannot run the sliding windows its preprocessing asks for")
         self.model = model
         self.task = task
         self.device = resolve_device(device)
         self.batch_size = batch_size
-        self.threshold = _task_threshold(task, threshold, model.description.config.object_mask_threshold)
+        default_threshold = self.architecture.default_threshold(model.description.config, task)
+        self.threshold = _task_threshold(task, threshold, default_threshold)
         self.categories = model.description.categories
-        self.preprocessor = Preprocessor(model.description.preprocess)
+        self.preprocessor = Preprocessor(preprocess)
         self.module = model.module.to(self.device).eval()
         self._is_thing = torch.tensor([c.isthing for c in self.categories.categories], dtype=torch.bool)
-        # A panoptic model's instances are its things; a model of things only keeps them all.
-        self._has_stuff = not bool(self._is_thing.all())
 
     def __call__(
         self, inputs: ImageInput | Sequence[ImageInput], *, progress: bool = False
@@ -118,13 +127,13 @@ class SegmentationPipeline:
         batch = self.preprocessor(images, device=self.device)
         outputs = self.module(batch.images)
         padded_size = tuple(batch.images.shape[-2:])
+        config = self.model.description.config
+        is_thing = self._is_thing.to(self.device)
         results = []
         for i, image in enumerate(images):
-            mask_logits = postprocess.mask_logits_to_image(
-                outputs.mask_logits[i], padded_size, batch.image_sizes[i], batch.original_sizes[i]
-            ).float()
-            class_logits = outputs.class_logits[i].float()
-            results.append(self._result(image, class_logits, mask_logits))
+            sizes = ImageSizes(padded_size, batch.image_sizes[i], batch.original_sizes[i])
+            prediction = self.architecture.postprocess(config, outputs, i, sizes, self.task, self.threshold, is_thing)
+            results.append(self._result(image, prediction))
         return results
 
     @torch.inference_mode()
@@ -153,30 +162,21 @@ class SegmentationPipeline:
         for start in range(0, len(windows), self.batch_size):
             chunk = windows[start : start + self.batch_size]
             crops = self.preprocessor.pad([pixels[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
-            outputs = self.module(crops)
-            for (y0, x0, y1, x1), class_logits, mask_logits in zip(chunk, outputs.class_logits, outputs.mask_logits):
-                scores = postprocess.semantic_scores(class_logits.float(), mask_logits.float())
+            window_scores = self.architecture.window_scores(self.module(crops))
+            for (y0, x0, y1, x1), scores in zip(chunk, window_scores):
                 scores = F.interpolate(scores[None], size=crops.shape[-2:], mode="bilinear", align_corners=False)[0]
                 summed[:, y0:y1, x0:x1] += scores[:, : y1 - y0, : x1 - x0]
                 count[y0:y1, x0:x1] += 1
         return summed, count
 
-    def _result(self, image: np.ndarray, class_logits: torch.Tensor, mask_logits: torch.Tensor) -> SegmentationResult:
-        config = self.model.description.config
-        is_thing = self._is_thing.to(class_logits.device)
+    def _result(self, image: np.ndarray, prediction: Any) -> SegmentationResult:
         if self.task == "panoptic":
-            prediction = postprocess.panoptic_inference(
-                class_logits, mask_logits, is_thing, self.threshold, config.overlap_threshold
-            )
             return self._panoptic_result(image, prediction)
         if self.task == "semantic":
-            return self._semantic_result(image, postprocess.semantic_inference(class_logits, mask_logits))
-        prediction = postprocess.instance_inference(
-            class_logits, mask_logits, config.test_topk_per_image, is_thing if self._has_stuff else None
-        )
+            return self._semantic_result(image, prediction)
         return self._instance_result(image, prediction)
 
-    def _panoptic_result(self, image: np.ndarray, prediction: postprocess.PanopticPrediction) -> SegmentationResult:
+    def _panoptic_result(self, image: np.ndarray, prediction: PanopticPrediction) -> SegmentationResult:
         seg = prediction.panoptic_seg.cpu().numpy()
         infos = []
         for segment in prediction.segments:
@@ -224,7 +224,7 @@ class SegmentationPipeline:
             semantic_seg=seg.cpu().numpy().astype(np.int64),
         )
 
-    def _instance_result(self, image: np.ndarray, prediction: postprocess.InstancePrediction) -> SegmentationResult:
+    def _instance_result(self, image: np.ndarray, prediction: InstancePrediction) -> SegmentationResult:
         keep = prediction.scores >= self.threshold
         label_ids = prediction.labels[keep].cpu().numpy().astype(np.int64)
         return SegmentationResult(
@@ -256,8 +256,9 @@ def pipeline(
     return SegmentationPipeline(loaded, task=task, **options)
 
 
-def _task_threshold(task: str, threshold: float | None, object_mask_threshold: float) -> float | None:
-    """The score threshold the task applies (see ``SegmentationPipeline``)."""
+def _task_threshold(task: str, threshold: float | None, default: float | None) -> float | None:
+    """The score threshold the task applies (see ``SegmentationPipeline``): the user's, checked,
+    or the architecture's ``default`` for the task."""
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise OptionError(f"threshold must lie in [0, 1] (it is a score), got {threshold}")
     if task == "semantic":
@@ -267,9 +268,7 @@ def _task_threshold(task: str, threshold: float | None, object_mask_threshold: f
                 "leave threshold unset (it applies to the panoptic and instance tasks)"
             )
         return None
-    if threshold is not None:
-        return threshold
-    return object_mask_threshold if task == "panoptic" else 0.5
+    return threshold if threshold is not None else default
 
 
 def _is_folder(inputs: Any) -> bool:

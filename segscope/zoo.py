@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from segscope.config import (
     BeitConfig,
@@ -15,7 +15,7 @@ from segscope.config import (
 )
 
 # "hf": a transformers directory on the Hub; "segscope": a file in the package; the others are
-# files at a URL in a foreign layout (``segscope.checkpoints.convert.FILE_FORMATS``).
+# files at a URL in a foreign layout (the architecture's ``file_formats`` in ``segscope.registry``).
 WeightFormat = Literal["hf", "detectron2", "segscope", "mmseg0", "mmseg1", "mmdet2", "mmdet3"]
 Task = Literal["panoptic", "semantic", "instance"]
 
@@ -45,7 +45,7 @@ class ZooEntry:
     """A published model: architecture, categories, weights, and the figure its card reports."""
 
     name: str
-    config: Mask2FormerConfig
+    config: Any  # a registered architecture's config (segscope.registry)
     categories: str
     source: WeightSource
     default_task: Task

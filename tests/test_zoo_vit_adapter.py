@@ -81,11 +81,12 @@ def test_zipped_mmseg_release_loads_through_the_zoo_and_segments(tmp_path: Path,
 
 
 def test_zoo_formats_are_known_to_the_converters() -> None:
-    from segscope.checkpoints.convert import FILE_FORMATS
+    from segscope.registry import architecture_of
 
     for entry in zoo.ZOO.values():
-        assert entry.source.format in FILE_FORMATS or entry.source.format in ("hf", "segscope"), entry.name
+        formats = architecture_of(entry.config).file_formats
+        assert entry.source.format in formats or entry.source.format in ("hf", "segscope"), entry.name
     with pytest.raises(Exception, match="unknown checkpoint format"):
         from segscope.checkpoints.convert import converted_weights
 
-        converted_weights("x.pth", "caffe", torch.nn.Linear(1, 1))
+        converted_weights("x.pth", "caffe", build_model(zoo.DEMO_CONFIG))

@@ -1,57 +1,35 @@
-"""Foreign checkpoint files -> segscope weights, one reader and one converter per format.
+"""Foreign checkpoint files -> segscope weights, through the target architecture's formats.
 
-Every converter sees the model it converts for (to resize position tables to its grid), and
-the result is loaded strictly: a file that does not fit is reported key by key.
+Each architecture lists its formats (``segscope.registry.Architecture.file_formats``): a
+reader and a converter that sees the model it converts for (to resize position tables to its
+grid). The result is loaded strictly: a file that does not fit is reported key by key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import nn
 
 from segscope.checkpoints.safe_load import StateDict, load_state_dict_strict
 from segscope.errors import OptionError
-
-Reader = Callable[[Path], StateDict]
-Converter = Callable[[Mapping[str, Tensor], nn.Module], StateDict]
-
-
-def _detectron2() -> tuple[Reader, Converter]:
-    from segscope.checkpoints.detectron2 import convert_detectron2_mask2former, read_detectron2_pickle
-
-    return read_detectron2_pickle, lambda state_dict, model: convert_detectron2_mask2former(state_dict)
-
-
-def _mmlab(fmt: str) -> Callable[[], tuple[Reader, Converter]]:
-    def formats() -> tuple[Reader, Converter]:
-        from segscope.checkpoints.mmlab import MMLAB_CONVERTERS, read_mmlab_checkpoint
-
-        return read_mmlab_checkpoint, MMLAB_CONVERTERS[fmt]
-
-    return formats
-
-
-# Format name -> (reader, converter), imported only when used.
-FILE_FORMATS: dict[str, Callable[[], tuple[Reader, Converter]]] = {
-    "detectron2": _detectron2,
-    "mmseg0": _mmlab("mmseg0"),
-    "mmseg1": _mmlab("mmseg1"),
-    "mmdet2": _mmlab("mmdet2"),
-    "mmdet3": _mmlab("mmdet3"),
-}
+from segscope.registry import architecture_of
 
 
 def converted_weights(path: str | Path, fmt: str, model: nn.Module) -> StateDict:
-    """The weights of the ``fmt`` checkpoint at ``path``, converted and loaded into ``model``.
+    """The weights of the ``fmt`` checkpoint at ``path``, converted and loaded into ``model``
+    (a network built from a registered config, kept as ``model.config``).
 
-    Raises ``OptionError`` for an unknown format, ``CheckpointError`` for a file that cannot
-    be read or does not fit ``model``.
+    Raises ``OptionError`` for a format the model's architecture does not read,
+    ``CheckpointError`` for a file that cannot be read or does not fit ``model``.
     """
-    if fmt not in FILE_FORMATS:
-        raise OptionError(f"unknown checkpoint format {fmt!r}; expected one of {', '.join(FILE_FORMATS)}")
-    read, convert = FILE_FORMATS[fmt]()
+    architecture = architecture_of(model.config)
+    if fmt not in architecture.file_formats:
+        raise OptionError(
+            f"unknown checkpoint format {fmt!r} for {architecture.name}; "
+            f"expected one of {', '.join(architecture.file_formats)}"
+        )
+    read, convert = architecture.file_formats[fmt]()
     state_dict = convert(read(Path(path)), model)
     load_state_dict_strict(model, state_dict, str(path))
     return state_dict

@@ -17,12 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from segscope.checkpoints.safe_load import StateDict, extract_state_dict, read_torch_file
-from segscope.config import (
-    Mask2FormerConfig,
-    PreprocessConfig,
-    config_to_dict,
-    mask2former_config_from_dict,
-)
+from segscope.config import PreprocessConfig, config_to_dict
 from segscope.data.categories import Category, CategorySet
 from segscope.errors import CheckpointError, InputNotFoundError
 from segscope.fileio import atomic_path
@@ -33,19 +28,24 @@ FORMAT_VERSION = "1"
 
 @dataclass(frozen=True)
 class ModelDescription:
-    """Everything but the weights: how to build the model and read its outputs."""
+    """Everything but the weights: how to build the model and read its outputs.
 
-    config: Mask2FormerConfig
+    ``config`` is any registered architecture's config (``segscope.registry``).
+    """
+
+    config: Any
     categories: CategorySet
     preprocess: PreprocessConfig
     default_task: str = "panoptic"
 
     def to_metadata(self) -> dict[str, str]:
         """JSON strings for a safetensors header or a trainer checkpoint."""
+        from segscope.registry import architecture_of
+
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "architecture": "mask2former",
+            "architecture": architecture_of(self.config).name,
             "config": json.dumps(config_to_dict(self.config)),
             "categories": json.dumps(categories_to_list(self.categories)),
             "preprocess": json.dumps(config_to_dict(self.preprocess)),
@@ -57,12 +57,18 @@ class ModelDescription:
         """Inverse of ``to_metadata``; raises ``CheckpointError`` naming the source."""
         if metadata.get("format") != FORMAT_NAME:
             raise CheckpointError(f"{source} is not a segscope checkpoint (no 'format: segscope' header)")
+        from segscope.registry import get_architecture
+
         try:
-            config = mask2former_config_from_dict(json.loads(metadata["config"]))
+            # Files written before the registry existed hold Mask2Former without saying so.
+            architecture = get_architecture(metadata.get("architecture", "mask2former"))
+            config = architecture.config_from_dict(json.loads(metadata["config"]))
             categories = categories_from_list(json.loads(metadata["categories"]))
             preprocess = PreprocessConfig(
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(metadata["preprocess"]).items()}
             )
+        except CheckpointError as error:
+            raise CheckpointError(f"{source}: {error}") from error
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{source} has a malformed segscope header: {error}") from error
         if len(categories) != config.num_classes:

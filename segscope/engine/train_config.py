@@ -17,10 +17,10 @@ from segscope.config import (
     check_floats,
     check_ints,
     config_to_dict,
-    mask2former_config_from_dict,
 )
 from segscope.data.categories import get_category_set
 from segscope.errors import ConfigError, InputNotFoundError
+from segscope.registry import model_config_from_dict
 from segscope.zoo import DEMO_CONFIG, DEMO_PREPROCESS, get_entry
 
 
@@ -86,7 +86,7 @@ class TrainConfig:
     """
 
     name: str
-    model: Mask2FormerConfig
+    model: Any  # a registered architecture's config (segscope.registry)
     solver: SolverConfig = field(default_factory=SolverConfig)
     crop_size: int = 1024  # large-scale jitter output size
     min_scale: float = 0.1
@@ -166,7 +166,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
-        model = mask2former_config_from_dict(data.pop("model"))
+        model = model_config_from_dict(data.pop("model"))
         solver = SolverConfig(**_tuples(data.pop("solver", {})))
         preprocess = PreprocessConfig(**_tuples(data.pop("preprocess", {})))
         return cls(model=model, solver=solver, preprocess=preprocess, **data)

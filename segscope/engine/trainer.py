@@ -38,7 +38,6 @@ from segscope.engine.train_config import TrainConfig
 from segscope.errors import CheckpointError, ConfigError
 from segscope.loading import LoadedModel, load
 from segscope.models import build_model
-from segscope.models.mask2former.criterion import SetCriterion, total_loss
 from segscope.transforms import normalize
 
 TaskDataset = CocoPanopticDataset | SemanticSegDataset
@@ -145,7 +144,6 @@ class Trainer:
         for norm in self._frozen_norms:
             norm.requires_grad_(False)
         self.model = model.to(self.context.device)
-        self.criterion = SetCriterion.from_config(config.model).to(self.context.device)
         self.samples = TrainingSamples(self.train_set, config)
         self.sampler = DistributedSampler(
             self.samples,
@@ -239,10 +237,9 @@ class Trainer:
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             autocast = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
             with autocast:
-                outputs = self.model(images)
-            # The criterion computes in float32 whatever precision autocast left the outputs in.
-            losses = self.criterion(outputs, targets)
-            loss = total_loss(losses)
+                # Every architecture's training forward returns its weighted losses.
+                losses = self.model(images, targets)
+            loss = torch.stack(list(losses.values())).sum()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at iteration {self.iteration}")
             self.optimizer.zero_grad(set_to_none=True)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from segscope.config import Mask2FormerConfig
 
-
-def build_model(cfg: Mask2FormerConfig) -> nn.Module:
-    """The randomly initialized network that ``cfg`` describes."""
+def build_model(cfg: Any) -> nn.Module:
+    """The randomly initialized network that ``cfg`` (any registered architecture's config) describes."""
     # Imported here so that importing a light submodule (say ``segscope.models.ops``) does
     # not build the import graph of every architecture.
-    from segscope.models.mask2former.model import Mask2Former
+    from segscope.registry import architecture_of
 
-    if isinstance(cfg, Mask2FormerConfig):
-        return Mask2Former(cfg)
-    raise ValueError(f"no model is registered for config type {type(cfg).__name__}")
+    return architecture_of(cfg).build(cfg)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from segscope.config import Mask2FormerConfig
 from segscope.models.backbones import build_backbone
+from segscope.models.mask2former.criterion import SetCriterion, Target
 from segscope.models.mask2former.pixel_decoder import NUM_ENCODER_LEVELS, MSDeformAttnPixelDecoder
 from segscope.models.mask2former.transformer_decoder import MaskedAttentionDecoder
 
@@ -56,11 +59,24 @@ class Mask2Former(nn.Module):
             num_levels=NUM_ENCODER_LEVELS,
             enforce_input_projection=cfg.enforce_input_projection,
         )
+        # Holds no weights (its class weights are a non-persistent buffer).
+        self.criterion = SetCriterion.from_config(cfg)
 
-    def forward(self, images: Tensor) -> Mask2FormerOutput:
-        """``images [B,3,H,W]``: normalized, padded to multiples of 32 by the preprocessing."""
+    def forward(
+        self, images: Tensor, targets: Sequence[Target] | None = None
+    ) -> Mask2FormerOutput | dict[str, Tensor]:
+        """``images [B,3,H,W]``: normalized, padded to multiples of 32 by the preprocessing.
+
+        Without ``targets``, the raw outputs. With them (one ``{"labels" [K], "masks"
+        [K,H,W]}`` per image), the weighted losses of every decoder layer, computed in
+        float32 whatever autocast runs the network in.
+        """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape [B,3,H,W], got {tuple(images.shape)}")
         mask_features, multi_scale = self.pixel_decoder(self.backbone(images))
         *aux, (class_logits, mask_logits) = self.transformer_decoder(multi_scale, mask_features)
-        return Mask2FormerOutput(class_logits, mask_logits, aux)
+        outputs = Mask2FormerOutput(class_logits, mask_logits, aux)
+        if targets is None:
+            return outputs
+        with torch.autocast(images.device.type, enabled=False):
+            return self.criterion(outputs, targets)

@@ -10,48 +10,16 @@ its test settings. Batching is the caller's loop; every function works on the in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import masks_to_boxes
 
+from segscope.predictions import InstancePrediction, PanopticPrediction, Segment
+
 # Keeps the mean mask probability of an empty mask finite (detectron2's value).
 _EMPTY_MASK_EPS = 1e-6
-
-
-class Segment(TypedDict):
-    """One panoptic segment: ``id`` in the map (1..N), contiguous class ``label``, ``isthing``,
-    ``score`` (the class probability of its query; of its most confident query when merged
-    stuff), ``area`` in pixels."""
-
-    id: int
-    label: int
-    isthing: bool
-    score: float
-    area: int
-
-
-@dataclass
-class PanopticPrediction:
-    """``panoptic_seg [H,W]`` int32 segment ids, 0 = void; ``segments`` in id order."""
-
-    panoptic_seg: Tensor
-    segments: list[Segment]
-
-
-@dataclass
-class InstancePrediction:
-    """K instances by descending score: ``masks [K,H,W]`` bool, ``labels [K]`` int64
-    contiguous classes, ``scores [K]`` float, ``boxes [K,4]`` float (x0, y0, x1, y1) in pixels,
-    the far edges exclusive; an empty mask has the box (0, 0, 0, 0)."""
-
-    masks: Tensor
-    labels: Tensor
-    scores: Tensor
-    boxes: Tensor
 
 
 def mask_logits_to_image(
