@@ -14,8 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import masks_to_boxes
 
+from segscope.models.ops.boxes import mask_boxes
 from segscope.predictions import InstancePrediction, PanopticPrediction, Segment
 
 # Keeps the mean mask probability of an empty mask finite (detectron2's value).
@@ -186,16 +186,7 @@ def instance_inference(
 
     order = scores.argsort(descending=True, stable=True)
     masks = masks[order]
-    return InstancePrediction(masks=masks, labels=labels[order], scores=scores[order], boxes=_mask_boxes(masks))
-
-
-def _mask_boxes(masks: Tensor) -> Tensor:
-    """Boxes ``[K,4]`` enclosing bool ``masks [K,H,W]``; (0, 0, 0, 0) for an empty mask."""
-    boxes = masks_to_boxes(masks)
-    # masks_to_boxes gives the last covered pixel's index; the box ends on that pixel's far
-    # side (detectron2's BitMasks convention), so a one-pixel mask has area 1.
-    boxes[:, 2:] += masks.flatten(1).any(1, keepdim=True)
-    return boxes
+    return InstancePrediction(masks=masks, labels=labels[order], scores=scores[order], boxes=mask_boxes(masks))
 
 
 def _num_classes(class_logits: Tensor, mask_logits: Tensor) -> int:
