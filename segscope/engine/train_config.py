@@ -75,6 +75,8 @@ class TrainConfig:
     * ``"panoptic"``: COCO panoptic, ``annotations/panoptic_{split}.json`` with the PNGs in
       ``panoptic_{split}/`` and the images in ``{split}/`` (``CocoPanopticDataset``); the
       categories are the JSON's.
+    * ``"instance"``: COCO instances, ``annotations/instances_{split}.json`` and the images in
+      ``{split}/`` (``CocoInstanceDataset``); the categories are the JSON's.
     * ``"semantic"``: images in ``semantic_image_dir`` and one single-channel label PNG each
       (contiguous class indices, 255 unlabeled) named ``<image stem><semantic_label_suffix>.png``
       in ``semantic_label_dir``, both folders relative to the data directory with ``{split}``
@@ -106,7 +108,7 @@ class TrainConfig:
     split_train: str = "train"
     split_val: str = "val"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    task: Literal["panoptic", "semantic"] = "panoptic"
+    task: Literal["panoptic", "semantic", "instance"] = "panoptic"
     # Task "semantic" only (see the class docstring): the category set and the folder layout.
     categories: str | None = None
     semantic_image_dir: str = "{split}"
@@ -122,8 +124,8 @@ class TrainConfig:
         freeze = self.freeze_backbone_batchnorm
         if not (freeze is None or isinstance(freeze, bool)):
             raise ConfigError(f"TrainConfig.freeze_backbone_batchnorm must be true, false or null, got {freeze!r}")
-        if self.task not in ("panoptic", "semantic"):
-            raise ConfigError(f"TrainConfig.task must be 'panoptic' or 'semantic', got {self.task!r}")
+        if self.task not in ("panoptic", "semantic", "instance"):
+            raise ConfigError(f"TrainConfig.task must be 'panoptic', 'semantic' or 'instance', got {self.task!r}")
         for name in ("semantic_image_dir", "semantic_label_dir", "semantic_label_suffix"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"TrainConfig.{name} must be a string, got {getattr(self, name)!r}")
@@ -131,11 +133,11 @@ class TrainConfig:
 
     def _check_categories(self) -> None:
         """``categories`` names a set of ``model.num_classes`` categories for task "semantic", else is None."""
-        if self.task == "panoptic":
+        if self.task != "semantic":
             if self.categories is not None:
                 raise ConfigError(
                     f"TrainConfig.categories ({self.categories!r}) is for task 'semantic'; "
-                    "panoptic categories come from the annotation JSON"
+                    f"{self.task} categories come from the annotation JSON"
                 )
             return
         if not isinstance(self.categories, str):

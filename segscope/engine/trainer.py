@@ -26,13 +26,13 @@ from segscope.checkpoints.backbone_init import load_backbone_weights, resolve_we
 from segscope.checkpoints.safe_load import load_state_dict_strict
 from segscope.checkpoints.segscope_format import ModelDescription, trainer_payload
 from segscope.data.categories import CategorySet, get_category_set
-from segscope.data.coco import CocoPanopticDataset
+from segscope.data.coco import CocoInstanceDataset, CocoPanopticDataset
 from segscope.data.collate import collate
 from segscope.data.semantic import SemanticSegDataset
 from segscope.data.transforms import Sample, training_transform
 from segscope.engine import distributed
 from segscope.engine.checkpointing import epoch_path, latest_checkpoint, read_training_state, save_atomic
-from segscope.engine.evaluate import evaluate_panoptic, evaluate_semantic
+from segscope.engine.evaluate import evaluate_instances, evaluate_panoptic, evaluate_semantic
 from segscope.engine.optim import build_optimizer, build_scheduler
 from segscope.engine.train_config import TrainConfig
 from segscope.errors import CheckpointError, ConfigError
@@ -40,10 +40,10 @@ from segscope.loading import LoadedModel, load
 from segscope.models import build_model
 from segscope.transforms import normalize
 
-TaskDataset = CocoPanopticDataset | SemanticSegDataset
+TaskDataset = CocoPanopticDataset | CocoInstanceDataset | SemanticSegDataset
 
-# How ``Trainer.evaluate`` scores each task: PQ for panoptic, mIoU for semantic.
-_EVALUATIONS = {"panoptic": evaluate_panoptic, "semantic": evaluate_semantic}
+# How ``Trainer.evaluate`` scores each task: PQ for panoptic, mIoU for semantic, COCO AP for instance.
+_EVALUATIONS = {"panoptic": evaluate_panoptic, "semantic": evaluate_semantic, "instance": evaluate_instances}
 
 
 def _seed_for(*parts: int) -> int:
@@ -86,8 +86,9 @@ def task_dataset(config: TrainConfig, data_root: Path, split: str) -> tuple[Task
             image_dir, label_dir, categories=categories, label_suffix=config.semantic_label_suffix
         )
         return semantic, categories
-    panoptic = CocoPanopticDataset(data_root, split)
-    return panoptic, panoptic.categories
+    coco = CocoInstanceDataset if config.task == "instance" else CocoPanopticDataset
+    dataset = coco(data_root, split)
+    return dataset, dataset.categories
 
 
 class Trainer:
