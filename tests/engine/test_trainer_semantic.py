@@ -124,7 +124,7 @@ def test_the_mmseg_coco_stuff_layout_is_read_with_its_label_suffix(tmp_path: Pat
         ),
         ({"categories": "ade20k"}, r"TrainConfig\.categories: unknown category set 'ade20k'"),
         ({"task": "panoptic"}, r"TrainConfig\.categories \('coco_stuff'\) is for task 'semantic'"),
-        ({"task": "instance"}, r"TrainConfig\.task must be 'panoptic' or 'semantic', got 'instance'"),
+        ({"task": "depth"}, r"TrainConfig\.task must be 'panoptic', 'semantic' or 'instance', got 'depth'"),
         ({"semantic_label_suffix": None}, r"TrainConfig\.semantic_label_suffix must be a string"),
     ],
 )
