@@ -183,17 +183,27 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--eval",
         action="store_true",
-        help="evaluate the trained task on the validation split at the end: PQ (panoptic) or mIoU (semantic)",
+        help="evaluate the trained task on the validation split at the end: PQ (panoptic), mIoU (semantic) or "
+        "COCO AP (instance)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the config, repeatable: --set solver.lr=2e-4 --set model.num_queries=50 "
+        "--set eval_interval=2 --set keep_checkpoints=3 (values are JSON)",
     )
     parser.set_defaults(run=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
     from segscope.engine import distributed
-    from segscope.engine.train_config import load_train_config
+    from segscope.engine.train_config import apply_overrides, load_train_config
     from segscope.engine.trainer import Trainer
 
     config = load_train_config(args.config, batch_size=args.batch_size, num_workers=args.num_workers)
+    config = apply_overrides(config, args.set)
     if args.backbone_init is not None:
         config = replace(config, backbone_init=None if args.backbone_init.lower() == "none" else args.backbone_init)
     trainer = Trainer(config, args.data, args.work_dir, device=args.device, init_from=args.init)

@@ -9,6 +9,7 @@ the global iteration. Randomness needs no saved state: every epoch reseeds from
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,24 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)
+
+
+def copy_atomic(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` so that ``target`` is always whole (old or new)."""
+    with atomic_path(target) as temporary:
+        shutil.copyfile(source, temporary)
+
+
+def prune_checkpoints(work_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``epoch_N.pth`` in ``work_dir`` (``keep`` 0: none);
+    return what was deleted. Other files (``best.pth``) are never touched."""
+    if keep <= 0 or not work_dir.is_dir():
+        return []
+    found = sorted((int(m.group(1)), p) for p in work_dir.iterdir() if (m := _EPOCH_FILE.match(p.name)))
+    stale = [path for _, path in found[:-keep]]
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def latest_checkpoint(work_dir: Path) -> Path | None:

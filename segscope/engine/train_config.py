@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -114,10 +116,18 @@ class TrainConfig:
     semantic_image_dir: str = "{split}"
     semantic_label_dir: str = "semantic_{split}"
     semantic_label_suffix: str = ""
+    # Evaluate on split_val every this many epochs and after the last (0: never while
+    # training); the best checkpoint by the task's figure (PQ, mIoU, mask AP) is kept as best.pth.
+    eval_interval: int = 0
+    # Keep only the newest this many epoch_N.pth (0: keep all); best.pth is never removed.
+    keep_checkpoints: int = 0
+    # Write losses, learning rate and evaluation figures for TensorBoard to WORK_DIR/tensorboard.
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         check_ints(self, crop_size=(1, 16384), batch_size=(1, 65536), num_workers=(0, 1024), log_interval=(1, 10**9))
-        check_ints(self, seed=(0, 2**63 - 1))
+        check_ints(self, seed=(0, 2**63 - 1), eval_interval=(0, 10**6), keep_checkpoints=(0, 10**6))
+        check_bools(self, "tensorboard")
         check_floats(self, min_scale=(1e-3, 100.0), max_scale=(1e-3, 100.0))
         if self.min_scale > self.max_scale:
             raise ConfigError(f"TrainConfig.min_scale {self.min_scale} exceeds max_scale {self.max_scale}")
@@ -289,6 +299,34 @@ TRAIN_CONFIGS: dict[str, TrainConfig] = {
         TINY_VITADAPTER_SYNTHETIC,
     )
 }
+
+
+def apply_overrides(config: Any, assignments: Sequence[str]) -> Any:
+    """``config`` with ``key=value`` assignments applied (``solver.lr=2e-4``, ``model.backbone.
+    drop_path_rate=0.2``, ``crop_size=512``): keys are dotted field paths into the nested
+    configs, values JSON (lists become tuples; anything that is not JSON is a string). Every
+    changed config is checked again; ``ConfigError`` names a bad key or value."""
+    for assignment in assignments:
+        key, separator, text = assignment.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"an override is key=value (e.g. solver.lr=2e-4), got {assignment!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        config = _replace_path(config, key.split("."), _tuples({"v": value})["v"], key)
+    return config
+
+
+def _replace_path(config: Any, path: list[str], value: Any, key: str) -> Any:
+    if not dataclasses.is_dataclass(config):
+        raise ConfigError(f"override {key}: {type(config).__name__} has no fields")
+    names = [f.name for f in dataclasses.fields(config)]
+    if path[0] not in names:
+        raise ConfigError(f"override {key}: {type(config).__name__} has no field {path[0]!r}; it has {names}")
+    if len(path) > 1:
+        value = _replace_path(getattr(config, path[0]), path[1:], value, key)
+    return replace(config, **{path[0]: value})
 
 
 def load_train_config(name_or_path: str, **overrides: Any) -> TrainConfig:

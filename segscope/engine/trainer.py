@@ -31,7 +31,14 @@ from segscope.data.collate import collate
 from segscope.data.semantic import SemanticSegDataset
 from segscope.data.transforms import Sample, training_transform
 from segscope.engine import distributed
-from segscope.engine.checkpointing import epoch_path, latest_checkpoint, read_training_state, save_atomic
+from segscope.engine.checkpointing import (
+    copy_atomic,
+    epoch_path,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_training_state,
+    save_atomic,
+)
 from segscope.engine.evaluate import evaluate_instances, evaluate_panoptic, evaluate_semantic
 from segscope.engine.optim import build_optimizer, build_scheduler
 from segscope.engine.train_config import TrainConfig
@@ -44,6 +51,17 @@ TaskDataset = CocoPanopticDataset | CocoInstanceDataset | SemanticSegDataset
 
 # How ``Trainer.evaluate`` scores each task: PQ for panoptic, mIoU for semantic, COCO AP for instance.
 _EVALUATIONS = {"panoptic": evaluate_panoptic, "semantic": evaluate_semantic, "instance": evaluate_instances}
+# The figure that picks the best checkpoint, as a path into each task's results.
+_HEADLINE = {"panoptic": ("All", "PQ"), "semantic": ("mIoU",), "instance": ("segm", "AP")}
+
+
+def headline_figure(task: str, results: dict[str, Any]) -> tuple[str, float]:
+    """``(name, value)`` of the figure that ranks checkpoints of ``task`` (higher is better)."""
+    path = _HEADLINE[task]
+    value: Any = results
+    for key in path:
+        value = value[key]
+    return "_".join(path), float(value)
 
 
 def _seed_for(*parts: int) -> int:
@@ -173,6 +191,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.iteration = 0
         self.epoch = 0
+        self._board = None
+        if config.tensorboard and self.context.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._board = SummaryWriter(str(self.work_dir / "tensorboard"))
 
     def _load_backbone_init(self, backbone: torch.nn.Module, source: str) -> list[str]:
         """``load_backbone_weights`` in every process, the release fetched into the cache once.
@@ -209,14 +232,38 @@ class Trainer:
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.model = DistributedDataParallel(self.model, device_ids=[self.context.local_rank] if on_gpu else None)
         last = epoch_path(self.work_dir, self.epoch)
-        while self.epoch < max_epochs:
-            self._train_epoch(scheduler, max_epochs)
-            self.epoch += 1
-            last = epoch_path(self.work_dir, self.epoch)
-            if self.context.is_main:
-                save_atomic(self._state(scheduler), last)
-            distributed.barrier(self.context)
+        try:
+            while self.epoch < max_epochs:
+                self._train_epoch(scheduler, max_epochs)
+                self.epoch += 1
+                last = epoch_path(self.work_dir, self.epoch)
+                if self.context.is_main:
+                    save_atomic(self._state(scheduler), last)
+                    prune_checkpoints(self.work_dir, self.config.keep_checkpoints)
+                distributed.barrier(self.context)
+                interval = self.config.eval_interval
+                if interval and (self.epoch % interval == 0 or self.epoch == max_epochs):
+                    self._evaluate_and_keep_best(last)
+        finally:
+            if self._board is not None:
+                self._board.close()
         return last
+
+    def _evaluate_and_keep_best(self, checkpoint: Path) -> None:
+        """Evaluate the model in memory; copy ``checkpoint`` to ``best.pth`` when it scores the
+        best figure so far (``best.json`` remembers it across resumes)."""
+        results = self.evaluate()
+        if not self.context.is_main:
+            return
+        name, figure = headline_figure(self.config.task, results)
+        self._log({"epoch": self.epoch, "iteration": self.iteration, name: figure})
+        if self._board is not None:
+            self._board.add_scalar(f"val/{name}", figure, self.iteration)
+        record = self.work_dir / "best.json"
+        best = json.loads(record.read_text()) if record.is_file() else None
+        if best is None or figure > best["value"]:
+            copy_atomic(checkpoint, self.work_dir / "best.pth")
+            record.write_text(json.dumps({"metric": name, "value": figure, "epoch": self.epoch}))
 
     def _train_epoch(self, scheduler: torch.optim.lr_scheduler.LRScheduler, max_epochs: int) -> None:
         torch.manual_seed(_seed_for(self.config.seed, self.epoch, self.context.rank))
@@ -263,6 +310,11 @@ class Trainer:
                 }
                 bar.set_postfix(loss=record["loss"], lr=f"{record['lr']:.2e}")
                 self._log(record)
+                if self._board is not None:
+                    self._board.add_scalar("train/loss", loss.item(), self.iteration)
+                    self._board.add_scalar("train/lr", record["lr"], self.iteration)
+                    for name, value in losses.items():
+                        self._board.add_scalar(f"train/{name}", value.item(), self.iteration)
 
     def _log(self, record: dict[str, Any]) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
