@@ -34,3 +34,9 @@ class ConfigError(SegscopeError):
 class OptionError(SegscopeError):
     """An option cannot be used as given: an absent device, a threshold the task lacks, an output
     path that would overwrite a file."""
+
+
+class ModelOutputError(SegscopeError):
+    """A model produced non-finite outputs (NaN or infinity): broken weights, or values that
+    overflowed a half-precision dtype."""
+

@@ -5,6 +5,7 @@ Device, dtype and batching are decided here and nowhere deeper.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from segscope.devices import resolve_device
-from segscope.errors import ImageLoadError, OptionError
+from segscope.errors import ImageLoadError, ModelOutputError, OptionError
 from segscope.io import list_images, load_image
 from segscope.loading import LoadedModel, load
 from segscope.predictions import ImageSizes, InstancePrediction, PanopticPrediction
@@ -126,6 +127,7 @@ class SegmentationPipeline:
             return [self._semantic_result(image, self.sliding_semantic_scores(image)) for image in images]
         batch = self.preprocessor(images, device=self.device)
         outputs = self.module(batch.images)
+        self._check_finite(outputs)
         padded_size = tuple(batch.images.shape[-2:])
         config = self.model.description.config
         is_thing = self._is_thing.to(self.device)
@@ -162,12 +164,23 @@ class SegmentationPipeline:
         for start in range(0, len(windows), self.batch_size):
             chunk = windows[start : start + self.batch_size]
             crops = self.preprocessor.pad([pixels[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
-            window_scores = self.architecture.window_scores(self.module(crops))
+            outputs = self.module(crops)
+            self._check_finite(outputs)
+            window_scores = self.architecture.window_scores(outputs)
             for (y0, x0, y1, x1), scores in zip(chunk, window_scores):
                 scores = F.interpolate(scores[None], size=crops.shape[-2:], mode="bilinear", align_corners=False)[0]
                 summed[:, y0:y1, x0:x1] += scores[:, : y1 - y0, : x1 - x0]
                 count[y0:y1, x0:x1] += 1
         return summed, count
+
+    def _check_finite(self, outputs: Any) -> None:
+        """Refuse NaN or infinite raw outputs rather than turn them into plausible-looking masks."""
+        bad = [name for name, tensor in _named_tensors(outputs) if not bool(torch.isfinite(tensor).all())]
+        if bad:
+            raise ModelOutputError(
+                f"{self.model.name} produced NaN or infinite values in {', '.join(bad[:3])}: its weights are "
+                f"broken, or the values overflow {next(self.module.parameters()).dtype}"
+            )
 
     def _result(self, image: np.ndarray, prediction: Any) -> SegmentationResult:
         if self.task == "panoptic":
@@ -277,3 +290,20 @@ def _is_folder(inputs: Any) -> bool:
 
 def _no_masks(shape: tuple[int, int]) -> np.ndarray:
     return np.zeros((0, *shape), dtype=bool)
+
+
+def _named_tensors(outputs: Any, prefix: str = "output") -> Iterator[tuple[str, torch.Tensor]]:
+    """The floating-point tensors of a model's raw outputs (a tensor, dataclass, dict or sequence)."""
+    if isinstance(outputs, torch.Tensor):
+        if outputs.is_floating_point():
+            yield prefix, outputs
+    elif dataclasses.is_dataclass(outputs):
+        for field in dataclasses.fields(outputs):
+            yield from _named_tensors(getattr(outputs, field.name), field.name)
+    elif isinstance(outputs, dict):
+        for key, value in outputs.items():
+            yield from _named_tensors(value, str(key))
+    elif isinstance(outputs, (list, tuple)):
+        for index, value in enumerate(outputs):
+            yield from _named_tensors(value, f"{prefix}[{index}]")
+

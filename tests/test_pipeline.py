@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 import segscope
-from segscope.errors import ImageLoadError
+from segscope.errors import ImageLoadError, ModelOutputError
 from segscope.evaluation.rle import rle_to_masks
+from segscope.loading import load
 from segscope.pipeline import SegmentationPipeline
 
 
@@ -118,3 +119,13 @@ def test_load_model_returns_the_raw_network(tiny_checkpoint: Path) -> None:
         outputs = model(torch.randn(1, 3, 64, 96))
     assert outputs.class_logits.shape == (1, 8, 5)
     assert outputs.mask_logits.shape == (1, 8, 16, 24)
+
+
+def test_non_finite_outputs_are_an_error_not_masks(tiny_checkpoint: Path) -> None:
+    loaded = load(tiny_checkpoint)
+    with torch.no_grad():
+        loaded.module.transformer_decoder.class_head.bias.fill_(float("nan"))
+    image = np.zeros((40, 60, 3), dtype=np.uint8)
+    for task in ("panoptic", "semantic"):
+        with pytest.raises(ModelOutputError, match="NaN or infinite values in class_logits"):
+            SegmentationPipeline(loaded, task=task, device="cpu")(image)
