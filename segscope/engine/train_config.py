@@ -123,12 +123,15 @@ class TrainConfig:
     keep_checkpoints: int = 0
     # Write losses, learning rate and evaluation figures for TensorBoard to WORK_DIR/tensorboard.
     tensorboard: bool = True
+    # Probability of Simple Copy-Paste (objects of another training image pasted on, after
+    # both are jittered); panoptic and instance data only. 0: off.
+    copy_paste: float = 0.0
 
     def __post_init__(self) -> None:
         check_ints(self, crop_size=(1, 16384), batch_size=(1, 65536), num_workers=(0, 1024), log_interval=(1, 10**9))
         check_ints(self, seed=(0, 2**63 - 1), eval_interval=(0, 10**6), keep_checkpoints=(0, 10**6))
         check_bools(self, "tensorboard")
-        check_floats(self, min_scale=(1e-3, 100.0), max_scale=(1e-3, 100.0))
+        check_floats(self, min_scale=(1e-3, 100.0), max_scale=(1e-3, 100.0), copy_paste=(0.0, 1.0))
         if self.min_scale > self.max_scale:
             raise ConfigError(f"TrainConfig.min_scale {self.min_scale} exceeds max_scale {self.max_scale}")
         freeze = self.freeze_backbone_batchnorm
@@ -136,6 +139,8 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.freeze_backbone_batchnorm must be true, false or null, got {freeze!r}")
         if self.task not in ("panoptic", "semantic", "instance"):
             raise ConfigError(f"TrainConfig.task must be 'panoptic', 'semantic' or 'instance', got {self.task!r}")
+        if self.copy_paste and self.task == "semantic":
+            raise ConfigError("TrainConfig.copy_paste pastes objects: it needs panoptic or instance data, not semantic")
         for name in ("semantic_image_dir", "semantic_label_dir", "semantic_label_suffix"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"TrainConfig.{name} must be a string, got {getattr(self, name)!r}")

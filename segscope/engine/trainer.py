@@ -29,7 +29,7 @@ from segscope.data.categories import CategorySet, get_category_set
 from segscope.data.coco import CocoInstanceDataset, CocoPanopticDataset
 from segscope.data.collate import collate
 from segscope.data.semantic import SemanticSegDataset
-from segscope.data.transforms import Sample, training_transform
+from segscope.data.transforms import Sample, copy_paste, training_transform
 from segscope.engine import distributed
 from segscope.engine.checkpointing import (
     copy_atomic,
@@ -79,17 +79,27 @@ class TrainingSamples(Dataset):
     targets are made at the original size and augmented with the image, as a label map would be.
     """
 
-    def __init__(self, dataset: TaskDataset, config: TrainConfig) -> None:
+    def __init__(self, dataset: TaskDataset, config: TrainConfig, categories: CategorySet) -> None:
         self.dataset = dataset
         self.seed = config.seed
         self.epoch = 0
         self.transform = training_transform(config.crop_size, config.min_scale, config.max_scale)
+        self.copy_paste = config.copy_paste
+        # Objects that may be pasted: a panoptic dataset's things (stuff is not an object).
+        self.pasteable = torch.tensor([c.isthing or config.task == "instance" for c in categories.categories])
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Sample:
         generator = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch, index))
+        sample = self._augmented(index, generator)
+        if self.copy_paste and float(torch.rand(1, generator=generator)) < self.copy_paste:
+            other = int(torch.randint(len(self.dataset), (1,), generator=generator))
+            sample = copy_paste(sample, self._augmented(other, generator), self.pasteable, generator)
+        return sample
+
+    def _augmented(self, index: int, generator: torch.Generator) -> Sample:
         item = self.dataset[index]
         return self.transform(Sample.from_arrays(item["image"], *self.dataset.to_targets(item)), generator)
 
@@ -163,7 +173,7 @@ class Trainer:
         for norm in self._frozen_norms:
             norm.requires_grad_(False)
         self.model = model.to(self.context.device)
-        self.samples = TrainingSamples(self.train_set, config)
+        self.samples = TrainingSamples(self.train_set, config, categories)
         self.sampler = DistributedSampler(
             self.samples,
             num_replicas=self.context.world_size,

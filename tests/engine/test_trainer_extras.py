@@ -92,3 +92,19 @@ def test_train_command_overrides_evaluates_keeps_and_logs(shapes: Path, tmp_path
     assert [r["epoch"] for r in records if "All_PQ" in r] == [2, 3]  # every 2 epochs and after the last
     assert list((work / "tensorboard").glob("events.out.tfevents.*"))
     assert main([*args[:-2], "--set", "no_such_field=1"]) == 2
+
+
+def test_copy_paste_training_is_seeded_and_pastes_things(shapes: Path, tmp_path: Path) -> None:
+    config = replace(SMALL, copy_paste=1.0, tensorboard=False)
+    first = Trainer(config, shapes, tmp_path / "a", device="cpu")
+    samples = [first.samples[i] for i in range(4)]
+    plain = Trainer(replace(config, copy_paste=0.0), shapes, tmp_path / "b", device="cpu")
+    # Pasting adds objects (things only) to at least one of the four images.
+    assert sum(len(s.labels) for s in samples) > sum(len(plain.samples[i].labels) for i in range(4))
+    stuff = torch.tensor([not c.isthing for c in first.train_set.categories.categories])
+    for pasted, original in zip(samples, (plain.samples[i] for i in range(4))):
+        # Stuff is never pasted: its segments can only be covered, never added.
+        assert stuff[pasted.labels].sum() <= stuff[original.labels].sum()
+    again = Trainer(config, shapes, tmp_path / "c", device="cpu")
+    assert all(torch.equal(s.image, again.samples[i].image) for i, s in enumerate(samples))
+    first.train(max_epochs=1)
