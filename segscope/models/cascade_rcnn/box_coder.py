@@ -62,7 +62,7 @@ class DeltaXYWHBBoxCoder:
         num = boxes.shape[0]
         if deltas.shape[0] != num or deltas.shape[-1] % 4 != 0 or deltas.dim() != 2:
             raise ValueError(f"deltas {tuple(deltas.shape)} must be [N,4k] for boxes {tuple(boxes.shape)}")
-        d = deltas.view(num, -1, 4) * deltas.new_tensor(self.stds) + deltas.new_tensor(self.means)
+        d = deltas.view(num, deltas.shape[1] // 4, 4) * deltas.new_tensor(self.stds) + deltas.new_tensor(self.means)
         dx, dy = d[..., 0], d[..., 1]
         dw = d[..., 2].clamp(-self.max_log_ratio, self.max_log_ratio)
         dh = d[..., 3].clamp(-self.max_log_ratio, self.max_log_ratio)
@@ -75,4 +75,4 @@ class DeltaXYWHBBoxCoder:
         decoded = torch.stack([gx - gw * 0.5, gy - gh * 0.5, gx + gw * 0.5, gy + gh * 0.5], dim=-1)
         if max_shape is not None:
             decoded = clip_boxes_to_image(decoded, max_shape)
-        return decoded.reshape(num, -1)
+        return decoded.reshape(num, deltas.shape[1])

@@ -70,3 +70,8 @@ def test_decode_clips_to_width_and_height_without_minus_one() -> None:
     # Unclipped: [10, 0, 20, 10] and [-10, 20, 0, 30]; the image is 25 high and 15 wide.
     decoded = coder.decode(anchors, deltas, max_shape=(25, 15))
     torch.testing.assert_close(decoded, torch.tensor([[10.0, 0.0, 15.0, 10.0], [0.0, 20.0, 0.0, 25.0]]))
+
+
+def test_decoding_no_boxes_gives_no_boxes() -> None:
+    coder = DeltaXYWHBBoxCoder()
+    assert coder.decode(torch.zeros(0, 4), torch.zeros(0, 12), max_shape=(10, 10)).shape == (0, 12)
