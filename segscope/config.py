@@ -284,6 +284,52 @@ class Mask2FormerConfig:
                 raise ConfigError(f"Mask2FormerConfig.{width}={width_value} is not divisible by {heads}={heads_value}")
 
 
+@dataclass(frozen=True)
+class CascadeMaskRCNNConfig:
+    """Cascade Mask R-CNN (Cai and Vasconcelos, 2019) as the Swin project's mmdetection config:
+    FPN P2-P6, RPN, three box stages (IoU 0.5/0.6/0.7) with GIoU regression, an FCN mask head."""
+
+    architecture: Literal["cascade_mask_rcnn"] = "cascade_mask_rcnn"
+    backbone: BackboneConfig = field(
+        default_factory=lambda: SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+    )
+    num_classes: int = 80
+    fpn_channels: int = 256
+    head_conv_channels: int = 256
+    head_fc_channels: int = 1024
+    reg_class_agnostic: bool = False
+    # Test-time selection (mmdet's test_cfg): proposals kept per image, then per-class NMS.
+    rpn_test_proposals: int = 1000
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.5
+    max_detections: int = 100
+
+    def __post_init__(self) -> None:
+        _check_kind(self, "cascade_mask_rcnn", field_name="architecture")
+        if not isinstance(self.backbone, (ResNetConfig, SwinConfig, ViTAdapterConfig)):
+            raise ConfigError(f"CascadeMaskRCNNConfig.backbone must be a backbone config, got {self.backbone!r}")
+        check_ints(
+            self,
+            num_classes=(1, 100_000),
+            fpn_channels=(1, 8192),
+            head_conv_channels=(1, 8192),
+            head_fc_channels=(1, 65536),
+            rpn_test_proposals=(1, 100_000),
+            max_detections=(1, 100_000),
+        )
+        check_floats(self, score_threshold=(0.0, 1.0), nms_threshold=(0.0, 1.0))
+        check_bools(self, "reg_class_agnostic")
+
+
+def cascade_mask_rcnn_config_from_dict(data: dict[str, Any]) -> CascadeMaskRCNNConfig:
+    """Inverse of ``config_to_dict`` for a Cascade Mask R-CNN config."""
+    if not isinstance(data, dict) or not isinstance(data.get("backbone"), dict):
+        raise ConfigError(f"a Cascade Mask R-CNN config is an object with a 'backbone' object, got {str(data)[:100]}")
+    data = dict(data)
+    backbone = backbone_config_from_dict(data.pop("backbone"))
+    return _from_dict(CascadeMaskRCNNConfig, data, backbone=backbone)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -292,9 +338,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_kind(config: Any, kind: str) -> None:
-    if config.kind != kind:
-        raise ConfigError(f"{type(config).__name__}.kind must be {kind!r}, got {config.kind!r}")
+def _check_kind(config: Any, kind: str, field_name: str = "kind") -> None:
+    value = getattr(config, field_name)
+    if value != kind:
+        raise ConfigError(f"{type(config).__name__}.{field_name} must be {kind!r}, got {value!r}")
 
 
 def check_ints(config: Any, **ranges: tuple[int, int]) -> None:

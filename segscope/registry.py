@@ -70,7 +70,7 @@ class Architecture:
 
 # Modules that register the built-in architectures, imported on first use of the registry so
 # that importing a light module (the config, say) does not pull in every network.
-_BUILTIN = ("segscope.models.mask2former.architecture",)
+_BUILTIN = ("segscope.models.mask2former.architecture", "segscope.models.cascade_rcnn.architecture")
 _ARCHITECTURES: dict[str, Architecture] = {}
 
 

@@ -17,6 +17,7 @@ import torch
 
 from segscope.checkpoints.segscope_format import ModelDescription, read_model, save_model
 from segscope.config import PreprocessConfig
+from segscope.data.categories import CategorySet
 from segscope.data.synthetic import SYNTHETIC_CATEGORIES, write_synthetic_dataset
 from segscope.engine.evaluate import evaluate
 from segscope.engine.train_config import TINY_SYNTHETIC
@@ -29,6 +30,7 @@ from segscope.pipeline import SegmentationPipeline
 from segscope.registry import TASKS, architectures
 
 ARCHITECTURES = sorted(architectures())
+SYNTHETIC_THINGS = CategorySet(tuple(c for c in SYNTHETIC_CATEGORIES.categories if c.isthing))
 PREPROCESS = PreprocessConfig(short_side=64, max_size=96)
 # A figure each task's evaluation must report, as a path into its result.
 _FIGURE = {"panoptic": ("All", "PQ"), "semantic": ("mIoU",), "instance": ("segm", "AP")}
@@ -43,12 +45,14 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A randomly initialised example of the architecture, saved with the synthetic categories."""
     architecture = architectures()[request.param]
-    config = architecture.example_config(len(SYNTHETIC_CATEGORIES))
+    # An instance-only architecture predicts the scenes' things (the instances JSON's categories).
+    categories = SYNTHETIC_CATEGORIES if set(architecture.tasks) - {"instance"} else SYNTHETIC_THINGS
+    config = architecture.example_config(len(categories))
     torch.manual_seed(0)
     model = build_model(config)
     path = tmp_path_factory.mktemp(request.param) / "model.safetensors"
     task = architecture.tasks[0]
-    save_model(path, model.state_dict(), ModelDescription(config, SYNTHETIC_CATEGORIES, PREPROCESS, task))
+    save_model(path, model.state_dict(), ModelDescription(config, categories, PREPROCESS, task))
     return request.param, path
 
 
@@ -101,7 +105,7 @@ def test_one_training_step_moves_the_weights(saved: tuple[str, Path], scenes: Pa
         TINY_SYNTHETIC, model=description.config, batch_size=2, crop_size=64, preprocess=PREPROCESS, task=task
     )
     if task == "instance":  # the instances JSON lists the things only
-        config = replace(config, model=replace(description.config, num_classes=3))
+        config = replace(config, model=replace(description.config, num_classes=len(SYNTHETIC_THINGS)))
     trainer = Trainer(config, scenes, tmp_path, device="cpu")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train(max_epochs=1)  # 4 images: 2 iterations
