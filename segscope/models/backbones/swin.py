@@ -40,7 +40,8 @@ class Swin(Backbone):
         super().__init__()
         _validate(cfg)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
-        drop_path = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        # Computed on the CPU whatever the default device (models may be built on "meta" to count them).
+        drop_path = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
         dims = [cfg.embed_dim * 2**i for i in range(len(cfg.depths))]
         self.layers = nn.ModuleList()
         first_block = 0

@@ -9,7 +9,7 @@ from segscope.config import CascadeMaskRCNNConfig, SwinConfig, cascade_mask_rcnn
 from segscope.models.cascade_rcnn.mask_head import paste_masks
 from segscope.models.cascade_rcnn.model import CascadeMaskRCNN, CascadeOutput
 from segscope.predictions import ImageSizes, InstancePrediction
-from segscope.registry import Architecture, register
+from segscope.registry import Architecture, FileFormat, register
 
 
 def _postprocess(
@@ -29,6 +29,13 @@ def _postprocess(
     boxes = clip_boxes_to_image(clip_boxes_to_image(boxes.float(), sizes.resized) * scale, (height, width))
     masks = paste_masks(mask_probs.float(), boxes, (height, width))
     return InstancePrediction(masks=masks, labels=labels, scores=scores.float(), boxes=boxes)
+
+
+def _mmdet2() -> FileFormat:
+    from segscope.checkpoints.mmdet_cascade import convert_mmdet2_cascade_mask_rcnn
+    from segscope.checkpoints.mmlab import read_mmlab_checkpoint
+
+    return read_mmlab_checkpoint, convert_mmdet2_cascade_mask_rcnn
 
 
 def _example_config(num_classes: int) -> CascadeMaskRCNNConfig:
@@ -53,7 +60,7 @@ CASCADE_MASK_RCNN = register(
         postprocess=_postprocess,
         default_threshold=lambda config, task: 0.5,
         window_scores=None,
-        file_formats={},
+        file_formats={"mmdet2": _mmdet2},
         example_config=_example_config,
     )
 )
