@@ -59,6 +59,7 @@ IMAGENET_WEIGHTS: dict[str, tuple[str, str | None]] = {
     "torchvision-resnet152": ("https://download.pytorch.org/models/resnet152-394f9c45.pth", "394f9c45"),
     "swin-t-in1k-224": (_SWIN_STORAGE + "swin_tiny_patch4_window7_224.pth", None),
     "swin-s-in1k-224": (_SWIN_STORAGE + "swin_small_patch4_window7_224.pth", None),
+    "swin-b-in22k-224": (_SWIN_STORAGE + "swin_base_patch4_window7_224_22k.pth", None),
     "swin-b-in22k-384": (_SWIN_STORAGE + "swin_base_patch4_window12_384_22k.pth", None),
     "swin-l-in22k-384": (_SWIN_STORAGE + "swin_large_patch4_window12_384_22k.pth", None),
     # The ViT-Adapter cards' starting points (their configs name these files).

@@ -80,3 +80,14 @@ def test_a_mask2former_file_is_named(tmp_path: Path) -> None:
     model = build_model(get_architecture("cascade_mask_rcnn").example_config(4))
     with pytest.raises(CheckpointError, match="not an mmdetection Cascade R-CNN checkpoint"):
         converted_weights(path, "mmdet2", model)
+
+
+def test_the_cards_training_preset() -> None:
+    from segscope.checkpoints.backbone_init import IMAGENET_WEIGHTS
+    from segscope.engine.train_config import TRAIN_CONFIGS
+
+    preset = TRAIN_CONFIGS["cascade-mask-rcnn-swin-b-coco-instance"]
+    assert (preset.task, preset.solver.lr, preset.solver.weight_decay) == ("instance", 1e-4, 0.05)
+    assert preset.crop_size == 1024
+    assert preset.copy_paste == 1.0 and preset.model == get_entry("cascade-mask-rcnn-swin-b-coco-instance").config
+    assert IMAGENET_WEIGHTS[preset.backbone_init][0].endswith("swin_base_patch4_window7_224_22k.pth")
