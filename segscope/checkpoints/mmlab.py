@@ -34,7 +34,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -141,19 +141,25 @@ def _unfold_to_concat(tensor: Tensor) -> Tensor:
     return neighbours.transpose(-1, -2).flatten(-2).contiguous()
 
 
+def mmlab_weights(state_dict: Mapping[str, Tensor], head: str, kind: str) -> Iterator[tuple[str, Tensor]]:
+    """The weights of an OpenMMLab state dict under their own names: DDP's ``module.`` removed
+    (mmcv strips it too), non-weights (``_DROPPED``) left out. ``CheckpointError`` unless some
+    weight sits under ``head`` (the model's head, e.g. ``decode_head``); ``kind`` names what
+    the file should have been ("a mmdetection 2.x Mask2Former")."""
+    keys = [key.removeprefix("module.") for key in state_dict]
+    if not any(key.startswith(f"{head}.") for key in keys):
+        prefixes = sorted({key.split(".", 1)[0] for key in keys})[:8]
+        raise CheckpointError(f"not {kind} checkpoint: no '{head}.*' weights (top-level names: {prefixes})")
+    for key, value in zip(keys, state_dict.values()):
+        if not _DROPPED.fullmatch(key):
+            yield key, value
+
+
 def _convert(state_dict: Mapping[str, Tensor], model: nn.Module, head: str, style: str, name: str) -> StateDict:
-    if not any(key.removeprefix("module.").startswith(f"{head}.") for key in state_dict):
-        prefixes = sorted({key.split(".", 1)[0] for key in state_dict})[:8]
-        raise CheckpointError(
-            f"not a {name} Mask2Former checkpoint: no '{head}.*' weights (top-level names: {prefixes})"
-        )
     head_rules = _head_rules(head, style)
     own = model.state_dict()
     converted: StateDict = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")  # saved from a DDP-wrapped model; mmcv strips it too
-        if _DROPPED.fullmatch(key):
-            continue
+    for key, value in mmlab_weights(state_dict, head, f"a {name} Mask2Former"):
         new_key = rename_key(key, head_rules) or rename_key(key, _BACKBONE_RULES) or key
         if ".downsample." in new_key and key.startswith("backbone.stages."):
             value = _unfold_to_concat(value)
