@@ -10,7 +10,9 @@ The network contract (in the spirit of torchvision's detection models):
 - ``module(images, targets)`` in training mode returns a dict of weighted losses (their sum
   is the loss to minimise); targets are the ``segscope.data`` training targets;
 - ``module.backbone`` is a ``segscope.models.backbones.Backbone`` (ImageNet initialisation,
-  BatchNorm freezing and layer-wise lr decay work on it).
+  BatchNorm freezing and layer-wise lr decay work on it); ``module.config`` is its config;
+- optionally ``module.head_embeddings``, a compiled pattern of the head parameters that BEiT's
+  segmentation recipe decays with the patch embedding (``SolverConfig.layer_decay_head_embeddings``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
@@ -13,12 +12,6 @@ from segscope.engine.train_config import SolverConfig
 _NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
 # Parameters that are embeddings or position tables: no weight decay, as for norms.
 _NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_embed", "query_feat", "query_embed")
-
-
-# Head parameters BEiT's segmentation recipe puts at the bottom of the layer-decay stack (the
-# ViT-Adapter COCO-Stuff config's ``LayerDecayOptimizerConstructor``): mask and class heads,
-# query and level embeddings of the transformer decoder.
-_BOTTOM_LAYER_HEAD = re.compile(r"transformer_decoder\.(mask_head|class_head|level_embed|query_pos|query_feat)\.")
 
 
 def layer_decay_scale(model: nn.Module, name: str, solver: SolverConfig) -> float:
@@ -31,9 +24,16 @@ def layer_decay_scale(model: nn.Module, name: str, solver: SolverConfig) -> floa
     layer = None
     if name.startswith("backbone."):
         layer = backbone.layer_index(name.removeprefix("backbone."))
-    elif solver.layer_decay_head_embeddings and _BOTTOM_LAYER_HEAD.match(name):
+    elif solver.layer_decay_head_embeddings and _is_head_embedding(model, name):
         layer = 0
     return 1.0 if layer is None else solver.layer_decay ** (depth + 1 - layer)
+
+
+def _is_head_embedding(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is among the head embeddings the network names in its optional
+    ``head_embeddings`` pattern (BEiT's segmentation recipe sinks them to the bottom layer)."""
+    pattern = getattr(model, "head_embeddings", None)
+    return pattern is not None and pattern.match(name) is not None
 
 
 def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.AdamW:

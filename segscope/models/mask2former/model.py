@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,11 @@ class Mask2FormerOutput:
 
 class Mask2Former(nn.Module):
     """Mask2Former (Cheng et al., 2022) for panoptic, semantic and instance segmentation."""
+
+    # The head parameters BEiT's segmentation recipe puts at the bottom of the layer-decay stack
+    # (the ViT-Adapter COCO-Stuff config's ``LayerDecayOptimizerConstructor``): mask and class
+    # heads, query and level embeddings of the transformer decoder.
+    head_embeddings = re.compile(r"transformer_decoder\.(mask_head|class_head|level_embed|query_pos|query_feat)\.")
 
     def __init__(self, cfg: Mask2FormerConfig) -> None:
         super().__init__()
