@@ -261,13 +261,15 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
         "--model, loads them strictly (every key accounted for) and writes one .safetensors file that "
         "carries the config, the categories and the test-time settings.",
     )
-    parser.add_argument("source", help="the checkpoint file (a .pth, .pkl or a .zip holding one)")
+    parser.add_argument(
+        "source", help="the checkpoint file (a .pth, .pkl or a .zip holding one), or a ModelScope model folder"
+    )
     parser.add_argument(
         "--format",
         "-f",
         required=True,
         help="the file's layout, one the architecture of --model reads (Mask2Former: detectron2, mmseg0, mmseg1, "
-        "mmdet2, mmdet3)",
+        "mmdet2, mmdet3; Cascade Mask R-CNN: mmdet2, modelscope)",
     )
     parser.add_argument(
         "--model",
@@ -292,7 +294,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise OptionError(f"--out must name a .safetensors file, got {out}")
     if out.exists() and not args.overwrite:
         raise OptionError(f"{out} exists; pass --overwrite to replace it")
-    if not Path(args.source).is_file():
+    if not Path(args.source).exists():
         raise InputNotFoundError(f"checkpoint not found: {args.source}")
     description = describe(args.model)
     model = build_model(description.config)

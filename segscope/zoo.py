@@ -17,7 +17,7 @@ from segscope.config import (
 
 # "hf": a transformers directory on the Hub; "segscope": a file in the package; the others are
 # files at a URL in a foreign layout (the architecture's ``file_formats`` in ``segscope.registry``).
-WeightFormat = Literal["hf", "detectron2", "segscope", "mmseg0", "mmseg1", "mmdet2", "mmdet3"]
+WeightFormat = Literal["hf", "detectron2", "segscope", "mmseg0", "mmseg1", "mmdet2", "mmdet3", "modelscope"]
 Task = Literal["panoptic", "semantic", "instance"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,13 +59,18 @@ def test_full_size_layout_has_the_released_names_and_shapes() -> None:
         assert tuple(released[key].shape) == shape, key
 
 
-def test_release_loads_strictly_through_the_converter(tmp_path: Path) -> None:
-    config = get_architecture("cascade_mask_rcnn").example_config(4)
-    source = build_model(config)
+def _randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every float tensor redrawn, so that a misplaced weight cannot pass unseen."""
     with torch.no_grad():
-        for tensor in source.state_dict().values():
+        for tensor in model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.normal_(0.0, 0.1)
+    return model
+
+
+def test_release_loads_strictly_through_the_converter(tmp_path: Path) -> None:
+    config = get_architecture("cascade_mask_rcnn").example_config(4)
+    source = _randomised(build_model(config))
     path = tmp_path / "cascade.pth"
     meta = {"CLASSES": ("a", "b", "c", "d"), "hook_msgs": {"best_score": np.float64(0.5)}}
     torch.save({"meta": meta, "state_dict": _released_layout(source.state_dict())}, path)
@@ -91,3 +97,32 @@ def test_the_cards_training_preset() -> None:
     assert preset.crop_size == 1024
     assert preset.copy_paste == 1.0 and preset.model == get_entry("cascade-mask-rcnn-swin-b-coco-instance").config
     assert IMAGENET_WEIGHTS[preset.backbone_init][0].endswith("swin_base_patch4_window7_224_22k.pth")
+
+
+def _modelscope_folder(folder: Path, state_dict: dict[str, torch.Tensor], model_type: str) -> Path:
+    """A ModelScope model folder as the card's release is laid out: configuration.json + pytorch_model.pt."""
+    folder.mkdir()
+    configuration = {"framework": "pytorch", "task": "image-segmentation", "model": {"type": model_type}}
+    (folder / "configuration.json").write_text(json.dumps(configuration))
+    torch.save({"meta": {"epoch": 36}, "state_dict": _released_layout(state_dict)}, folder / "pytorch_model.pt")
+    return folder
+
+
+def test_modelscope_release_folder_loads_strictly(tmp_path: Path) -> None:
+    config = get_architecture("cascade_mask_rcnn").example_config(4)
+    source = _randomised(build_model(config))
+    folder = _modelscope_folder(tmp_path / "cv_swin-b", source.state_dict(), "cascade_mask_rcnn_swin")
+    for path in (folder, folder / "pytorch_model.pt"):  # the folder or its weights file
+        target = build_model(config)
+        converted_weights(path, "modelscope", target)
+        for key, value in source.state_dict().items():
+            assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_modelscope_folder_of_another_model_is_refused(tmp_path: Path) -> None:
+    model = build_model(get_architecture("cascade_mask_rcnn").example_config(4))
+    folder = _modelscope_folder(tmp_path / "maskdino", model.state_dict(), "maskdino_swin")
+    with pytest.raises(CheckpointError, match="describes a 'maskdino_swin' model"):
+        converted_weights(folder, "modelscope", model)
+    with pytest.raises(CheckpointError, match="pytorch_model.pt not found"):
+        converted_weights(tmp_path, "modelscope", model)

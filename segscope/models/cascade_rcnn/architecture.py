@@ -38,6 +38,14 @@ def _mmdet2() -> FileFormat:
     return read_mmlab_checkpoint, convert_mmdet2_cascade_mask_rcnn
 
 
+def _modelscope() -> FileFormat:
+    """The card's ModelScope folder: mmdetection 2.x weights in ``pytorch_model.pt``."""
+    from segscope.checkpoints.mmdet_cascade import convert_mmdet2_cascade_mask_rcnn
+    from segscope.checkpoints.modelscope import modelscope_reader
+
+    return modelscope_reader("cascade_mask_rcnn_swin"), convert_mmdet2_cascade_mask_rcnn
+
+
 def _example_config(num_classes: int) -> CascadeMaskRCNNConfig:
     """A Cascade Mask R-CNN of about a million parameters (Swin of width 16, 32-wide FPN and heads)."""
     return CascadeMaskRCNNConfig(
@@ -60,7 +68,7 @@ CASCADE_MASK_RCNN = register(
         postprocess=_postprocess,
         default_threshold=lambda config, task: 0.5,
         window_scores=None,
-        file_formats={"mmdet2": _mmdet2},
+        file_formats={"mmdet2": _mmdet2, "modelscope": _modelscope},
         example_config=_example_config,
     )
 )
