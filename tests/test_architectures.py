@@ -113,6 +113,23 @@ def test_one_training_step_moves_the_weights(saved: tuple[str, Path], scenes: Pa
     assert len(moved) > len(before) // 2, f"{name}: only {len(moved)} of {len(before)} tensors moved"
 
 
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_every_parameter_takes_part_in_the_loss(name: str) -> None:
+    """DDP (no ``find_unused_parameters``) needs a gradient for every parameter at every step,
+    also when a batch holds no object at all."""
+    torch.manual_seed(0)
+    model = build_model(architectures()[name].example_config(3)).train()
+    masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+    masks[0, 8:40, 16:56] = True
+    one = {"labels": torch.tensor([1]), "masks": masks, "boxes": torch.tensor([[16.0, 8.0, 56.0, 40.0]])}
+    empty = {"labels": torch.zeros(0, dtype=torch.long), "masks": masks[:0], "boxes": torch.zeros(0, 4)}
+    for targets in ([one, empty], [empty, empty]):
+        model.zero_grad(set_to_none=True)
+        torch.stack(list(model(torch.randn(2, 3, 64, 64), targets).values())).sum().backward()
+        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not unused, f"{name}: no gradient for {unused[:5]}"
+
+
 def test_evaluation_of_each_task(saved: tuple[str, Path], scenes: Path) -> None:
     name, path = saved
     loaded = load(path)
