@@ -8,8 +8,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from segscope.errors import SegscopeError
+
+if TYPE_CHECKING:
+    from segscope.engine.distributed import DistributedContext
+    from segscope.pipeline import SegmentationPipeline
+    from segscope.visualize import DrawStyle
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -17,12 +23,16 @@ Command = Callable[[argparse.Namespace], int]
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "predict",
-        help="segment an image, a URL or a folder of images",
+        help="segment an image, a URL, a folder of images, a video or a webcam",
         description="Write the results of each image in the chosen formats. Nothing is written over an input; "
         "files of an earlier run are replaced only with --overwrite. An unreadable image in a folder is "
-        "reported and skipped, and the command then exits with status 1.",
+        "reported and skipped, and the command then exits with status 1. A video (clip.mp4, .mov, .avi, .mkv, "
+        "...) or webcam:N gives an annotated video (overlay: clip.mp4) and one JSON line per frame "
+        "(json: clip.jsonl). Under torchrun the images are shared out across the processes.",
     )
-    parser.add_argument("source", help="image file, http(s) URL or folder of images")
+    parser.add_argument(
+        "source", help="image file, http(s) URL, folder of images, video file, or webcam:N (camera N, e.g. webcam:0)"
+    )
     parser.add_argument("--model", "-m", default="demo", help="zoo name, Hub id, directory or checkpoint")
     parser.add_argument("--task", "-t", choices=("panoptic", "semantic", "instance"), help="default: the model's task")
     parser.add_argument("--out", "-o", default="segscope_out", help="output directory (default: segscope_out)")
@@ -32,40 +42,106 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
         default="overlay,json",
         help="comma-separated, from: overlay (S.png), json (S.json), coco-results (coco_results.json, instance), "
         "coco-panoptic (panoptic/S.png + panoptic.json, panoptic), label-png (labels/S.png, semantic); "
-        "default: overlay,json",
+        "videos: overlay (S.mp4), json (S.jsonl); default: overlay,json",
     )
     parser.add_argument(
         "--coco-json", help="a COCO JSON whose images[] give the image ids of coco-results / coco-panoptic "
         "(default: numeric file names, as in COCO, are the ids)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace output files left by an earlier run")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument(
+        "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available; under torchrun each process's GPU)"
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="images or video frames per forward pass")
     parser.add_argument(
         "--threshold",
         type=float,
         help="lowest score kept: instance (default 0.5) and panoptic (default: the model's object-mask "
         "threshold); not used by the semantic task",
     )
-    parser.add_argument("--no-scores", action="store_true", help="leave scores out of the overlay pictures")
+    parser.add_argument("--max-frames", type=int, help="videos and webcams: stop after this many frames")
+    drawing = parser.add_argument_group("overlay pictures and videos")
+    drawing.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours, 0 (contours only) to 1")
+    drawing.add_argument("--no-labels", action="store_true", help="write no captions (class names, scores)")
+    drawing.add_argument("--no-scores", action="store_true", help="leave scores out of the captions")
+    drawing.add_argument(
+        "--boxes",
+        action=argparse.BooleanOptionalAction,
+        help="draw bounding boxes (--no-boxes: none; default: for instances only)",
+    )
+    drawing.add_argument("--font-size", type=int, help="caption size in pixels (default: grows with the image)")
     parser.set_defaults(run=_predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from segscope.engine import distributed
+    from segscope.pipeline import pipeline
+    from segscope.visualize import DrawStyle
+
+    style = DrawStyle(
+        alpha=args.alpha,
+        labels=not args.no_labels,
+        scores=not args.no_scores,
+        boxes=args.boxes,
+        font_size=args.font_size,
+    )
+    context = distributed.setup(args.device)
+    try:
+        segmenter = pipeline(
+            "image-segmentation",
+            model=args.model,
+            task=args.task,
+            device=context.device,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+        )
+        if _is_video_source(args.source):
+            return _predict_video(args, segmenter, style, context)
+        return _predict_images(args, segmenter, style, context)
+    finally:
+        distributed.teardown()
+
+
+def _is_video_source(source: str) -> bool:
+    from segscope.video import is_video_path, webcam_index
+
+    return webcam_index(source) is not None or (is_video_path(source) and Path(source).is_file())
+
+
+def _predict_video(
+    args: argparse.Namespace, segmenter: SegmentationPipeline, style: DrawStyle, context: DistributedContext
+) -> int:
+    """Segment a video file or webcam frame by frame into a video and JSON lines (one process)."""
+    from segscope.errors import OptionError
+    from segscope.export import check_output_paths, parse_formats
+    from segscope.video import VideoReader, predict_video, video_output_paths, webcam_index
+
+    if context.is_distributed:
+        raise OptionError("a video is segmented by one process; run it without torchrun")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise OptionError(f"--max-frames must be >= 1, got {args.max_frames}")
+    camera = webcam_index(args.source)
+    stem = f"webcam{camera}" if camera is not None else Path(args.source).stem
+    paths = video_output_paths(Path(args.out), stem, parse_formats(args.format, segmenter.task))
+    inputs = [] if camera is not None else [Path(args.source)]
+    check_output_paths(list(paths.values()), inputs, args.overwrite, input_kind="video")
+    with VideoReader.webcam(camera) if camera is not None else VideoReader(args.source) as reader:
+        count = predict_video(segmenter, reader, paths, style, args.max_frames)
+    print(f"wrote {count} frame(s) to {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _predict_images(
+    args: argparse.Namespace, segmenter: SegmentationPipeline, style: DrawStyle, context: DistributedContext
+) -> int:
+    """Segment images; under torchrun each process takes its share (``engine.sharding``) and rank 0
+    writes the files that gather every image."""
+    from segscope.engine.sharding import gather_to_main, raise_together, shard_indices, sum_across
     from segscope.errors import ImageLoadError, InputNotFoundError
     from segscope.export import NEEDS_IMAGE_IDS, PredictionWriter, parse_formats, unique_stems
     from segscope.io import list_images
     from segscope.net import is_url
-    from segscope.pipeline import pipeline
 
-    segmenter = pipeline(
-        "image-segmentation",
-        model=args.model,
-        task=args.task,
-        device=args.device,
-        batch_size=args.batch_size,
-        threshold=args.threshold,
-    )
     formats = parse_formats(args.format, segmenter.task)
     source = Path(args.source)
     sources: list = [args.source]
@@ -78,34 +154,50 @@ def _predict(args: argparse.Namespace) -> int:
     elif source.exists():
         inputs, names = [source], [source.name]
     else:
-        raise InputNotFoundError(f"no such image file or folder: {source}")
+        raise InputNotFoundError(f"no such image file, video or folder: {source}")
     image_ids = _image_ids(names, args.coco_json) if NEEDS_IMAGE_IDS.intersection(formats) else None
     out = Path(args.out)
-    writer = PredictionWriter(
-        out,
-        formats,
-        unique_stems(names),
-        inputs,
-        image_ids,
-        segmenter.categories,
-        overwrite=args.overwrite,
-        show_scores=not args.no_scores,
-    )
-    failed = 0
-    for index, outcome in segmenter.iter_outcomes(sources, progress=len(sources) > 1):
+    # Every process checks the whole plan before any writes, and all stop if one refuses it.
+    refused: SegscopeError | None = None
+    try:
+        writer = PredictionWriter(
+            out,
+            formats,
+            unique_stems(names),
+            inputs,
+            image_ids,
+            segmenter.categories,
+            overwrite=args.overwrite,
+            style=style,
+        )
+    except SegscopeError as error:
+        refused = error
+    raise_together(refused, context)
+    mine = list(shard_indices(len(sources), context))
+    failed, single_error = 0, None
+    outcomes = segmenter.iter_outcomes([sources[i] for i in mine], progress=len(sources) > 1 and context.is_main)
+    for position, outcome in outcomes:
+        index = mine[position]
         if isinstance(outcome, ImageLoadError):
             if len(sources) == 1:
-                raise outcome
+                single_error = outcome
+                continue
             failed += 1
             print(f"segscope: skipped: {outcome}", file=sys.stderr)
             continue
         writer.write(index, str(sources[index]), segmenter.model.name, outcome)
-    writer.finish()
-    print(f"wrote {len(sources) - failed} result(s) to {out}")
-    if failed:
-        print(f"segscope: {failed} of {len(sources)} image(s) could not be read and were skipped", file=sys.stderr)
-        return 1
-    return 0
+    raise_together(single_error, context)
+    gathered = gather_to_main(writer.records(), context)
+    if context.is_main:
+        for records in gathered[1:]:
+            writer.add_records(records)
+        writer.finish()
+    failed = sum_across([failed], context)[0]
+    if context.is_main:
+        print(f"wrote {len(sources) - failed} result(s) to {out}")
+        if failed:
+            print(f"segscope: {failed} of {len(sources)} image(s) could not be read and were skipped", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _image_ids(names: list[str], coco_json: str | None) -> list[int]:
@@ -304,11 +396,50 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP (JSON API, web page), batching requests that arrive together",
+        description="POST /v1/segment, GET /v1/models, GET /healthz, a web page at / and the API at /docs and "
+        "/openapi.json. Needs the serve extra: pip install 'segscope[serve]'.",
+    )
+    parser.add_argument("--model", "-m", default="demo", help="zoo name, Hub id, directory or checkpoint")
+    parser.add_argument("--task", "-t", choices=("panoptic", "semantic", "instance"), help="default task of requests")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--batch-size", type=int, default=8, help="most images per forward pass; 1: no batching")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="longest wait for a batch to fill")
+    parser.add_argument("--queue-size", type=int, default=64, help="requests held beyond the batch (503 past it)")
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (413 past it)")
+    parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (413 past it)")
+    parser.add_argument("--timeout-s", type=float, default=60.0, help="longest a request waits for its result (504)")
+    parser.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from segscope.service.config import ServiceConfig
+    from segscope.service.server import serve
+
+    config = ServiceConfig(
+        task=args.task,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_wait_ms=args.max_wait_ms,
+        queue_size=args.queue_size,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        timeout_s=args.timeout_s,
+    )
+    serve(args.model, config, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="segscope", description="Image segmentation: run, train, evaluate.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_predict, _add_train, _add_eval, _add_models, _add_convert):
+    for add in (_add_predict, _add_train, _add_eval, _add_models, _add_convert, _add_serve):
         add(commands)
     return parser
 

@@ -18,6 +18,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from segscope.errors import OptionError
 from segscope.evaluation.rle import masks_to_rle
 from segscope.fileio import atomic_write
 from segscope.results import SegmentationResult
+from segscope.visualize import DrawStyle
 
 FORMATS = ("overlay", "json", "coco-results", "coco-panoptic", "label-png")
 # Formats that only one task produces; the others suit every task.
@@ -129,6 +131,16 @@ def unique_stems(names: Sequence[str]) -> list[str]:
     return result
 
 
+@dataclass(frozen=True)
+class ImageRecords:
+    """One image's entries in the collection files: its ``images[]`` entry, COCO detections and
+    COCO panoptic annotation (None unless coco-panoptic is written)."""
+
+    image: dict[str, Any]
+    detections: list[dict[str, Any]]
+    panoptic: dict[str, Any] | None
+
+
 class PredictionWriter:
     """Writes ``segscope predict``'s outputs for one run into ``out``.
 
@@ -140,7 +152,7 @@ class PredictionWriter:
         image_ids: COCO image id per input, needed by the ``NEEDS_IMAGE_IDS`` formats.
         categories: the model's categories (for the panoptic JSON).
         overwrite: allow replacing files left by an earlier run.
-        show_scores: write scores into the overlay pictures.
+        style: how the overlay pictures are drawn (default ``DrawStyle()``).
     """
 
     def __init__(
@@ -152,7 +164,7 @@ class PredictionWriter:
         image_ids: Sequence[int] | None,
         categories: CategorySet,
         overwrite: bool = False,
-        show_scores: bool = True,
+        style: DrawStyle | None = None,
     ) -> None:
         if image_ids is None and NEEDS_IMAGE_IDS.intersection(formats):
             raise OptionError("formats coco-results and coco-panoptic need COCO image ids")
@@ -161,11 +173,11 @@ class PredictionWriter:
         self.stems = list(stems)
         self.image_ids = list(image_ids) if image_ids is not None else None
         self.categories = categories
-        self.show_scores = show_scores
-        self._detections: list[dict[str, Any]] = []
-        self._panoptic: list[dict[str, Any]] = []
-        self._images: list[dict[str, Any]] = []
-        self._check(self.planned_paths(), inputs, overwrite)
+        self.style = style or DrawStyle()
+        # Input index -> that image's records for the collection files, so that records written by
+        # several processes (see ``records`` / ``add_records``) come out in input order.
+        self._records: dict[int, ImageRecords] = {}
+        check_output_paths(self.planned_paths(), inputs, overwrite)
 
     def per_image_paths(self, stem: str) -> dict[str, Path]:
         paths = {
@@ -190,7 +202,7 @@ class PredictionWriter:
         stem = self.stems[index]
         paths = self.per_image_paths(stem)
         if "overlay" in paths:
-            _write_png(paths["overlay"], result.draw(show_scores=self.show_scores))
+            _write_png(paths["overlay"], result.draw(style=self.style))
         if "json" in paths:
             _write_json(paths["json"], {"source": source, "model": model_name, **result.to_json()})
         if "label-png" in paths:
@@ -199,44 +211,56 @@ class PredictionWriter:
             return
         image_id = self.image_ids[index]
         height, width = result.image.shape[:2]
-        self._images.append({"id": image_id, "file_name": Path(source).name, "height": height, "width": width})
-        if "coco-results" in self.formats:
-            self._detections.extend(coco_results(result, image_id))
+        image = {"id": image_id, "file_name": Path(source).name, "height": height, "width": width}
+        detections = coco_results(result, image_id) if "coco-results" in self.formats else []
+        panoptic = None
         if "coco-panoptic" in paths:
             _write_png(paths["coco-panoptic"], panoptic_png(result))
-            self._panoptic.append(panoptic_annotation(result, image_id, paths["coco-panoptic"].name))
+            panoptic = panoptic_annotation(result, image_id, paths["coco-panoptic"].name)
+        self._records[index] = ImageRecords(image, detections, panoptic)
+
+    def records(self) -> dict[int, ImageRecords]:
+        """The collection-file records written so far, by input index (picklable, to gather them)."""
+        return dict(self._records)
+
+    def add_records(self, records: dict[int, ImageRecords]) -> None:
+        """Take in records that another writer of the same plan (another process) wrote."""
+        self._records.update(records)
 
     def finish(self) -> list[Path]:
         """Write the files that gather every image (COCO results, panoptic JSON); returns them."""
         written = []
         collections = self.collection_paths()
+        records = [self._records[index] for index in sorted(self._records)]
         if "coco-results" in collections:
-            written.append(_write_json(collections["coco-results"], self._detections))
+            written.append(_write_json(collections["coco-results"], [d for r in records for d in r.detections]))
         if "coco-panoptic" in collections:
             document = {
-                "images": self._images,
-                "annotations": self._panoptic,
+                "images": [r.image for r in records],
+                "annotations": [r.panoptic for r in records if r.panoptic is not None],
                 "categories": coco_categories(self.categories),
             }
             written.append(_write_json(collections["coco-panoptic"], document))
         return written
 
-    @staticmethod
-    def _check(planned: list[Path], inputs: Sequence[Path], overwrite: bool) -> None:
-        resolved = [os.path.realpath(p) for p in planned]
-        if len(set(resolved)) != len(resolved):
-            raise OptionError("two outputs of this run would share a file name")  # unique_stems prevents it
-        sources = {os.path.realpath(p) for p in inputs}
-        onto_inputs = [p for p, r in zip(planned, resolved) if r in sources]
-        if onto_inputs:
-            raise OptionError(f"output {onto_inputs[0]} would overwrite an input image; choose another --out folder")
-        existing = [p for p in planned if p.exists()]
-        if existing and not overwrite:
-            shown = ", ".join(str(p) for p in existing[:3])
-            more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
-            raise OptionError(
-                f"{shown}{more} already exist(s); pass --overwrite to replace them, or choose another --out"
-            )
+
+def check_output_paths(
+    planned: Sequence[Path], inputs: Sequence[Path], overwrite: bool, input_kind: str = "image"
+) -> None:
+    """Refuse a plan that would write a file twice, over an input, or (unless ``overwrite``) over an
+    existing file; raises ``OptionError`` naming the files (``input_kind`` names what inputs are)."""
+    resolved = [os.path.realpath(p) for p in planned]
+    if len(set(resolved)) != len(resolved):
+        raise OptionError("two outputs of this run would share a file name")  # unique_stems prevents it
+    sources = {os.path.realpath(p) for p in inputs}
+    onto_inputs = [p for p, r in zip(planned, resolved) if r in sources]
+    if onto_inputs:
+        raise OptionError(f"output {onto_inputs[0]} would overwrite an input {input_kind}; choose another --out folder")
+    existing = [p for p in planned if p.exists()]
+    if existing and not overwrite:
+        shown = ", ".join(str(p) for p in existing[:3])
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        raise OptionError(f"{shown}{more} already exist(s); pass --overwrite to replace them, or choose another --out")
 
 
 def _write_png(path: Path, image: Image.Image) -> None:

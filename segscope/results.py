@@ -11,7 +11,7 @@ from PIL import Image
 
 from segscope.data.categories import CategorySet
 from segscope.evaluation.rle import masks_to_rle
-from segscope.visualize import draw_instances, draw_segmentation
+from segscope.visualize import DrawStyle, draw_instances, draw_segmentation, instance_colors
 
 # Keys a result exposes as a mapping, in this order, when the task produces them.
 _KEYS = ("masks", "labels", "scores", "boxes", "panoptic_seg", "segments_info", "semantic_seg")
@@ -61,22 +61,38 @@ class SegmentationResult(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._present())
 
-    def draw(self, show_scores: bool = True) -> Image.Image:
-        """A picture of the result over the image (overlay, or boxes and masks for instances)."""
-        colors = [self.categories.categories[i].color for i in self.label_ids]
+    def draw(self, show_scores: bool = True, style: DrawStyle | None = None) -> Image.Image:
+        """A picture of the result over the image (overlay, or boxes and masks for instances).
+
+        ``style`` sets opacity, captions, boxes and font size (see ``DrawStyle``); ``show_scores=False``
+        leaves scores out whatever the style says. Instances of one class (instance task, panoptic
+        things) get distinct shades of their class colour.
+        """
+        style = style or DrawStyle()
+        scores = show_scores and style.scores
+        base = [self.categories.categories[i].color for i in self.label_ids]
+        options = {"alpha": style.alpha, "captions": style.labels, "font_size": style.font_size}
         if self.task == "instance":
+            colors = instance_colors(base, self.label_ids)
             return draw_instances(
-                self.image, self.masks, self.boxes, self.labels, self.scores if show_scores else None, colors
+                self.image,
+                self.masks,
+                self.boxes,
+                self.labels,
+                self.scores if scores else None,
+                colors,
+                show_boxes=style.boxes is not False,
+                **options,
             )
         if self.task == "panoptic":
             seg_map = self.panoptic_seg
-            segments = [
-                (info["id"], info["label"], info["score"] if show_scores else None) for info in self.segments_info
-            ]
+            segments = [(info["id"], info["label"], info["score"] if scores else None) for info in self.segments_info]
+            colors = instance_colors(base, self.label_ids)
         else:
             seg_map = self.semantic_seg
             segments = [(int(i), name, None) for i, name in zip(self.label_ids, self.labels)]
-        return draw_segmentation(self.image, seg_map, segments, colors)
+            colors = base
+        return draw_segmentation(self.image, seg_map, segments, colors, show_boxes=bool(style.boxes), **options)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready segments with COCO RLE masks (and boxes, ids where the task has them)."""

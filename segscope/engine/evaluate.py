@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from segscope.data.coco import CocoInstanceDataset, CocoPanopticDataset
 from segscope.data.semantic import SemanticSegDataset
 from segscope.engine.distributed import DistributedContext
+from segscope.engine.sharding import shard_indices
 from segscope.errors import OptionError
 from segscope.evaluation import CocoEvaluator, PanopticEvaluator, SemanticEvaluator
 from segscope.loading import LoadedModel
@@ -20,11 +21,6 @@ from segscope.pipeline import SegmentationPipeline
 from segscope.results import SegmentationResult
 
 _SINGLE = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-def _shard(length: int, context: DistributedContext) -> range:
-    """This process's share of ``length`` items: every image exactly once over the job."""
-    return range(context.rank, length, context.world_size)
 
 
 def _check_categories(
@@ -50,7 +46,7 @@ def _run(
 ) -> dict[str, Any]:
     """Segment this process's share of ``dataset``, feed ``update``, combine, compute."""
     segment = SegmentationPipeline(loaded, task=task, device=device, **pipeline_options)
-    for index in tqdm(_shard(len(dataset), context), desc=task, disable=not context.is_main, unit="img"):
+    for index in tqdm(shard_indices(len(dataset), context), desc=task, disable=not context.is_main, unit="img"):
         item = dataset[index]
         update(item, segment(item["image"]))
     evaluator.sync()
