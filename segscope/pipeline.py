@@ -205,7 +205,8 @@ class SegmentationPipeline:
                     "area": int(segment["area"]),
                 }
             )
-        masks = np.stack([seg == info["id"] for info in infos]) if infos else _no_masks(seg.shape)
+        ids = np.array([info["id"] for info in infos], dtype=seg.dtype)
+        masks = seg[None] == ids[:, None, None] if infos else _no_masks(seg.shape)
         return SegmentationResult(
             task="panoptic",
             image=image,
@@ -224,7 +225,7 @@ class SegmentationPipeline:
         confidence, seg = share.max(0)
         present = torch.unique(seg)
         label_ids = present.cpu().numpy()
-        masks = torch.stack([seg == c for c in present]).cpu().numpy()
+        masks = (seg[None] == present[:, None, None]).cpu().numpy()
         class_scores = np.array([float(confidence[seg == c].mean()) for c in present], dtype=np.float32)
         return SegmentationResult(
             task="semantic",
@@ -234,16 +235,18 @@ class SegmentationPipeline:
             label_ids=label_ids.astype(np.int64),
             scores=class_scores,
             categories=self.categories,
-            semantic_seg=seg.cpu().numpy().astype(np.int64),
+            semantic_seg=seg.cpu().numpy().astype(np.int64, copy=False),
         )
 
     def _instance_result(self, image: np.ndarray, prediction: InstancePrediction) -> SegmentationResult:
         keep = prediction.scores >= self.threshold
         label_ids = prediction.labels[keep].cpu().numpy().astype(np.int64)
+        # The masks are the largest output: not copied when every instance is kept.
+        masks = prediction.masks if bool(keep.all()) else prediction.masks[keep]
         return SegmentationResult(
             task="instance",
             image=image,
-            masks=prediction.masks[keep].cpu().numpy(),
+            masks=masks.cpu().numpy(),
             labels=[self.categories.categories[i].name for i in label_ids],
             label_ids=label_ids,
             scores=prediction.scores[keep].cpu().numpy().astype(np.float32),

@@ -56,6 +56,8 @@ class Architecture:
         file_formats: checkpoint formats its weights come in (``segscope convert --format``),
             each imported only when used.
         example_config: ``num_classes`` -> a small config for tests and examples.
+        export_outputs: raw outputs -> the named tensors an exported graph returns
+            (``segscope.deploy``); None when the outputs cannot be exported (sizes per image).
     """
 
     name: str
@@ -68,6 +70,7 @@ class Architecture:
     window_scores: Callable[[Any], Tensor] | None
     file_formats: Mapping[str, Callable[[], FileFormat]]
     example_config: Callable[[int], Any]
+    export_outputs: Callable[[Any], dict[str, Tensor]] | None = None
 
 
 # Modules that register the built-in architectures, imported on first use of the registry so

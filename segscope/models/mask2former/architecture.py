@@ -21,20 +21,43 @@ def _postprocess(
     threshold: float | None,
     is_thing: Tensor,
 ) -> Prediction:
-    """Image ``index``'s masks brought to its original size, then detectron2's inference for ``task``."""
-    mask_logits = postprocess.mask_logits_to_image(
-        outputs.mask_logits[index], sizes.padded, sizes.resized, sizes.original
-    ).float()
+    """Detectron2's inference for ``task`` on image ``index``, at its original size.
+
+    Only the queries the inference can use are resized to the original size (resizing is per
+    query, so the result is the same as resizing all of them): panoptic, those passing the
+    object-mask threshold; instance, the distinct queries of the top-k candidates whose class
+    probability reaches ``threshold`` (a final score never exceeds it, so the others could
+    not pass the pipeline's threshold and are left out of the prediction); semantic, all.
+    """
+    mask_logits = outputs.mask_logits[index]
     class_logits = outputs.class_logits[index].float()
+
+    def to_image(queries: Tensor | None) -> Tensor:
+        """``mask_logits[queries]`` ``[K,h,w]`` -> ``[K,H0,W0]`` float (all queries if None)."""
+        logits = mask_logits if queries is None else mask_logits[queries]
+        return postprocess.mask_logits_to_image(logits, sizes.padded, sizes.resized, sizes.original).float()
+
     if task == "panoptic":
-        return postprocess.panoptic_inference(
-            class_logits, mask_logits, is_thing, threshold, config.overlap_threshold
-        )
+        queries, scores, labels = postprocess.panoptic_queries(class_logits, threshold)
+        return postprocess.panoptic_segments(scores, labels, to_image(queries), is_thing, config.overlap_threshold)
     if task == "semantic":
-        return postprocess.semantic_inference(class_logits, mask_logits)
+        return _semantic_scores(class_logits, to_image(None), mask_logits)
     # A panoptic model's instances are its things; a model of things only keeps them all.
     things = is_thing if not bool(is_thing.all()) else None
-    return postprocess.instance_inference(class_logits, mask_logits, config.test_topk_per_image, things)
+    class_scores, labels, queries = postprocess.instance_candidates(class_logits, config.test_topk_per_image, things)
+    if threshold is not None:
+        reachable = class_scores >= threshold
+        class_scores, labels, queries = class_scores[reachable], labels[reachable], queries[reachable]
+    unique, inverse = torch.unique(queries, return_inverse=True)
+    return postprocess.instance_masks(class_scores, labels, inverse, to_image(unique))
+
+
+def _semantic_scores(class_logits: Tensor, image_logits: Tensor, network_logits: Tensor) -> Tensor:
+    """``semantic_scores`` of ``image_logits [Q,H0,W0]``, taking their sigmoid in place when they
+    are a fresh tensor rather than the network's ``network_logits [Q,h,w]`` themselves."""
+    if image_logits.untyped_storage().data_ptr() == network_logits.untyped_storage().data_ptr():
+        return postprocess.semantic_scores(class_logits, image_logits)
+    return postprocess.semantic_scores_of_probs(class_logits, image_logits.sigmoid_())
 
 
 def _default_threshold(config: Mask2FormerConfig, task: str) -> float | None:
@@ -103,5 +126,6 @@ MASK2FORMER = register(
             "mmdet3": _mmlab("mmdet3"),
         },
         example_config=_example_config,
+        export_outputs=lambda outputs: {"class_logits": outputs.class_logits, "mask_logits": outputs.mask_logits},
     )
 )

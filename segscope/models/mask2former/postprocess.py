@@ -33,6 +33,8 @@ def mask_logits_to_image(
     Bilinearly upsamples to the padded input ``padded_size (Hp,Wp)``, keeps the top-left
     ``image_size (h1,w1)`` (the resized image before padding) and bilinearly resizes that to
     ``original_size (H0,W0)``; detectron2's order, so padding never bleeds into the result.
+    Queries are resized independently, so resizing a subset ``mask_logits[idx]`` gives exactly
+    the rows ``idx`` of the full result: callers resize only the queries their inference keeps.
     """
     if mask_logits.dim() != 3:
         raise ValueError(f"mask_logits must be [Q,h,w], got shape {tuple(mask_logits.shape)}")
@@ -41,9 +43,22 @@ def mask_logits_to_image(
         raise ValueError(f"image_size {image_size} must be positive and fit in padded_size {padded_size}")
     if min(original_size) <= 0:
         raise ValueError(f"original_size must be positive, got {original_size}")
-    padded = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)
-    image = padded[..., : image_size[0], : image_size[1]]
-    return F.interpolate(image, size=original_size, mode="bilinear", align_corners=False)[0]
+    padded = _resize(mask_logits, padded_size)
+    image = padded[:, : image_size[0], : image_size[1]]
+    return _resize(image, original_size).contiguous()
+
+
+def _resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``maps [Q,h,w]`` to ``size``; skipped when the size is unchanged.
+
+    At scale 1 every output pixel's source coordinate is its own index (interpolation weights
+    1 and 0), so the resize would return its input exactly; skipping it saves a full pass.
+    """
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    if maps.shape[0] == 0:
+        return maps.new_empty((0, *size))
+    return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def semantic_scores(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
@@ -53,8 +68,15 @@ def semantic_scores(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
     softmax over ``C+1`` with "no object" then dropped, so a pixel's scores need not sum to 1.
     """
     _num_classes(class_logits, mask_logits)
+    return semantic_scores_of_probs(class_logits, mask_logits.sigmoid())
+
+
+def semantic_scores_of_probs(class_logits: Tensor, mask_probs: Tensor) -> Tensor:
+    """``semantic_scores`` from mask probabilities ``mask_probs [Q,h,w]`` (sigmoid already taken,
+    e.g. in place by a caller owning the logits) -> ``[C,h,w]``."""
+    _num_classes(class_logits, mask_probs)
     class_probs = class_logits.softmax(-1)[:, :-1]
-    return torch.einsum("qc,qhw->chw", class_probs, mask_logits.sigmoid())
+    return torch.einsum("qc,qhw->chw", class_probs, mask_probs)
 
 
 def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
@@ -103,30 +125,53 @@ def panoptic_inference(
     num_classes = _num_classes(class_logits, mask_logits)
     if is_thing.shape != (num_classes,):
         raise ValueError(f"is_thing must have one flag per class ({num_classes}), got shape {tuple(is_thing.shape)}")
-    height, width = mask_logits.shape[-2:]
-    panoptic_seg = torch.zeros((height, width), dtype=torch.int32, device=mask_logits.device)
+    queries, scores, labels = panoptic_queries(class_logits, object_mask_threshold)
+    return panoptic_segments(scores, labels, mask_logits[queries], is_thing, overlap_threshold, mask_threshold)
 
+
+def panoptic_queries(class_logits: Tensor, object_mask_threshold: float = 0.8) -> tuple[Tensor, Tensor, Tensor]:
+    """Rule 1 of ``panoptic_inference``: the kept queries ``[K]`` (ascending), their class
+    probabilities ``[K]`` and labels ``[K]``, from ``class_logits [Q,C+1]``.
+
+    Only these queries' mask logits matter to the panoptic result, so a caller may bring just
+    ``mask_logits[queries]`` to the image's size.
+    """
+    num_classes = class_logits.shape[-1] - 1
     scores, labels = class_logits.softmax(-1).max(-1)
     keep = labels.ne(num_classes) & (scores > object_mask_threshold)
-    if not bool(keep.any()):
-        return PanopticPrediction(panoptic_seg, [])
-    scores, labels, mask_probs = scores[keep], labels[keep], mask_logits[keep].sigmoid()
+    queries = keep.nonzero()[:, 0]
+    return queries, scores[queries], labels[queries]
 
-    num_kept = mask_probs.shape[0]
-    winner = (scores[:, None, None] * mask_probs).argmax(0)
-    in_mask = mask_probs.gather(0, winner[None])[0] >= mask_threshold
-    won_area = torch.bincount(winner.flatten(), minlength=num_kept)
-    own_area = (mask_probs >= mask_threshold).flatten(1).sum(1)
-    segment_area = torch.bincount(winner[in_mask], minlength=num_kept)
+
+def panoptic_segments(
+    scores: Tensor,
+    labels: Tensor,
+    mask_logits: Tensor,
+    is_thing: Tensor,
+    overlap_threshold: float = 0.8,
+    mask_threshold: float = 0.5,
+) -> PanopticPrediction:
+    """Rules 2-4 of ``panoptic_inference`` over the kept queries of ``panoptic_queries``:
+    ``scores [K]``, ``labels [K]``, ``mask_logits [K,H,W]`` (K may be 0), ``is_thing [C]``.
+    """
+    height, width = mask_logits.shape[-2:]
+    device = mask_logits.device
+    panoptic_seg = torch.zeros((height, width), dtype=torch.int32, device=device)
+    num_kept = mask_logits.shape[0]
+    if num_kept == 0:
+        return PanopticPrediction(panoptic_seg, [])
+    winner, in_mask, own_area = _panoptic_pixels(scores, mask_logits, mask_threshold)
+    # One count of (winner, in its mask) pairs gives both the won and the segment areas.
+    counts = torch.bincount((winner + num_kept * in_mask).flatten(), minlength=2 * num_kept)
+    won_area, segment_area = counts[:num_kept] + counts[num_kept:], counts[num_kept:]
 
     # Decided on the host: a handful of queries, and ids depend on earlier decisions.
     segments: list[Segment] = []
     stuff_segments: dict[int, Segment] = {}
     segment_of_query = [0] * num_kept
     thing_flags = is_thing.tolist()
-    for k, (label, score, won, own, area) in enumerate(
-        zip(labels.tolist(), scores.tolist(), won_area.tolist(), own_area.tolist(), segment_area.tolist())
-    ):
+    stats = torch.stack([won_area, own_area, segment_area]).tolist()
+    for k, (label, score, won, own, area) in enumerate(zip(labels.tolist(), scores.tolist(), *stats)):
         if won == 0 or own == 0 or area == 0 or won / own < overlap_threshold:
             continue
         isthing = bool(thing_flags[label])
@@ -140,9 +185,44 @@ def panoptic_inference(
         segment["area"] += area
         segment_of_query[k] = segment["id"]
 
-    segment_ids = torch.tensor(segment_of_query, dtype=torch.int32, device=mask_logits.device)
+    segment_ids = torch.tensor(segment_of_query, dtype=torch.int32, device=device)
     panoptic_seg = torch.where(in_mask, segment_ids[winner], panoptic_seg)
     return PanopticPrediction(panoptic_seg, segments)
+
+
+# Pixels per step of ``_panoptic_pixels``: K rows of this many floats stay in the CPU's cache,
+# and there are few enough steps (8 for 800 x 1216) that a loaded machine, where every
+# parallel op waits for its slowest thread, does not pay a stall on hundreds of small ops.
+_PIXEL_CHUNK = 131072
+
+
+def _panoptic_pixels(scores: Tensor, mask_logits: Tensor, mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Rules 2-3 per pixel for ``scores [K]``, ``mask_logits [K,H,W]`` (K >= 1): the winning query
+    ``[H,W]`` int64 (argmax of score x mask probability, first on ties), whether the pixel is in
+    the winner's mask ``[H,W]`` bool, and each query's own-mask area ``[K]`` int64.
+
+    Runs over chunks of pixels so that the K-row temporaries stay in cache; each pixel's values
+    are computed exactly as over the whole image. ``argmax`` over a leading dimension is not
+    vectorised on CPU but ``amax`` is: the rows equal to the maximum are ranked ``K - k``
+    (uint8), and the largest rank is the first such row, ``argmax``'s tie rule.
+    """
+    num_kept, height, width = mask_logits.shape
+    flat = mask_logits.reshape(num_kept, height * width)
+    device = mask_logits.device
+    winner = torch.empty(height * width, dtype=torch.long, device=device)
+    in_mask = torch.empty(height * width, dtype=torch.bool, device=device)
+    own_area = torch.zeros(num_kept, dtype=torch.long, device=device)
+    row_scores = scores[:, None]
+    rank = torch.arange(num_kept, 0, -1, dtype=torch.uint8 if num_kept < 256 else torch.long, device=device)[:, None]
+    chunk = _PIXEL_CHUNK if device.type == "cpu" else height * width
+    for start in range(0, height * width, chunk):
+        probs = flat[:, start : start + chunk].sigmoid()
+        weighted = probs * row_scores
+        first = num_kept - ((weighted == weighted.amax(0)) * rank).amax(0).long()
+        winner[start : start + chunk] = first
+        in_mask[start : start + chunk] = probs.gather(0, first[None])[0] >= mask_threshold
+        own_area += (probs >= mask_threshold).sum(1)
+    return winner.view(height, width), in_mask.view(height, width), own_area
 
 
 def instance_inference(
@@ -161,32 +241,62 @@ def instance_inference(
     ``mask_threshold``; the score is class probability x mean mask probability inside the mask
     (0 for an empty mask). Boxes enclose the masks. Sorted by descending score.
     """
-    num_classes = _num_classes(class_logits, mask_logits)
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    _num_classes(class_logits, mask_logits)
     if not 0.0 < mask_threshold < 1.0:
         raise ValueError(f"mask_threshold must be in (0, 1), got {mask_threshold}")
+    class_scores, labels, queries = instance_candidates(class_logits, top_k, is_thing)
+    unique, inverse = torch.unique(queries, return_inverse=True)
+    return instance_masks(class_scores, labels, inverse, mask_logits[unique], mask_threshold)
+
+
+def instance_candidates(
+    class_logits: Tensor, top_k: int = 100, is_thing: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The candidates of ``instance_inference`` from ``class_logits [Q,C+1]``: class
+    probabilities ``[N]`` (descending), labels ``[N]`` and queries ``[N]`` of the ``top_k`` best
+    (query, class) pairs, less those of stuff classes when ``is_thing [C]`` is given.
+
+    A candidate's final score is its class probability times a mean mask probability (at most
+    1), so a caller applying a score threshold may drop candidates below it here, before any
+    mask is resized.
+    """
+    if class_logits.dim() != 2 or class_logits.shape[1] < 2:
+        raise ValueError(f"class_logits must be [Q,C+1] with C >= 1, got shape {tuple(class_logits.shape)}")
+    num_classes = class_logits.shape[1] - 1
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
     if is_thing is not None and is_thing.shape != (num_classes,):
         raise ValueError(f"is_thing must have one flag per class ({num_classes}), got shape {tuple(is_thing.shape)}")
-
     class_probs = class_logits.softmax(-1)[:, :-1].flatten()
     class_scores, pair = class_probs.topk(min(top_k, class_probs.numel()))
     labels, queries = pair % num_classes, pair // num_classes
     if is_thing is not None:
         thing = is_thing.to(labels.device)[labels]
         class_scores, labels, queries = class_scores[thing], labels[thing], queries[thing]
+    return class_scores, labels, queries
 
-    logits = mask_logits[queries]
+
+def instance_masks(
+    class_scores: Tensor, labels: Tensor, inverse: Tensor, mask_logits: Tensor, mask_threshold: float = 0.5
+) -> InstancePrediction:
+    """Masks, scores and boxes of ``instance_inference``'s candidates, sorted by descending score.
+
+    ``class_scores [N]``, ``labels [N]``: the candidates; ``mask_logits [U,H,W]``: the distinct
+    queries they use, candidate ``n`` reading row ``inverse[n]``. Each query's mask, mean mask
+    probability and box are computed once, however many candidates share it.
+    """
     # Thresholding logits, not probabilities, keeps tiny positive logits (whose float32
     # sigmoid rounds to exactly 0.5) inside the mask, as detectron2's ``logits > 0`` does.
-    masks = logits > math.log(mask_threshold / (1.0 - mask_threshold))
+    masks = mask_logits > math.log(mask_threshold / (1.0 - mask_threshold))
     inside = masks.flatten(1)
-    mask_scores = (logits.sigmoid().flatten(1) * inside).sum(1) / (inside.sum(1) + _EMPTY_MASK_EPS)
-    scores = class_scores * mask_scores
+    mask_scores = (mask_logits.sigmoid().flatten(1) * inside).sum(1) / (inside.sum(1) + _EMPTY_MASK_EPS)
+    scores = class_scores * mask_scores[inverse]
 
     order = scores.argsort(descending=True, stable=True)
-    masks = masks[order]
-    return InstancePrediction(masks=masks, labels=labels[order], scores=scores[order], boxes=mask_boxes(masks))
+    rows = inverse[order]
+    return InstancePrediction(
+        masks=masks[rows], labels=labels[order], scores=scores[order], boxes=mask_boxes(masks)[rows]
+    )
 
 
 def _num_classes(class_logits: Tensor, mask_logits: Tensor) -> int:

@@ -1,0 +1,218 @@
+"""Mask2Former's architecture post-processing against a straightforward full-resolution reference.
+
+The reference (``_reference_*`` below) follows the rules documented in
+``segscope/models/mask2former/postprocess.py`` literally: every query's logits go through
+detectron2's two bilinear resizes (padded size, crop, original size) and each inference runs
+on all of them. The architecture's ``postprocess`` resizes only the queries it needs and skips
+resizes to an unchanged size; its results must be identical, bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segscope.models.mask2former.model import Mask2FormerOutput
+from segscope.predictions import ImageSizes
+from segscope.registry import get_architecture
+
+NUM_CLASSES = 7
+IS_THING = torch.tensor([True, True, True, True, False, False, False])
+ARCHITECTURE = get_architecture("mask2former")
+CONFIG = ARCHITECTURE.example_config(NUM_CLASSES)
+
+
+def _reference_to_image(mask_logits: Tensor, sizes: ImageSizes) -> Tensor:
+    """``[Q,h,w]`` -> ``[Q,H0,W0]``: resize to the padded size, crop, resize to the original size."""
+    padded = F.interpolate(mask_logits[None], size=sizes.padded, mode="bilinear", align_corners=False)
+    image = padded[..., : sizes.resized[0], : sizes.resized[1]]
+    return F.interpolate(image, size=sizes.original, mode="bilinear", align_corners=False)[0]
+
+
+def _reference_semantic(class_logits: Tensor, logits: Tensor) -> Tensor:
+    """``[C,H,W]``: sum over queries of class probability ("no object" dropped) x mask probability."""
+    return torch.einsum("qc,qhw->chw", class_logits.softmax(-1)[:, :-1], logits.sigmoid())
+
+
+def _reference_panoptic(class_logits: Tensor, logits: Tensor, threshold: float) -> tuple[Tensor, list[dict]]:
+    """Detectron2's panoptic rules over all queries at full resolution: id map and segments."""
+    scores, labels = class_logits.softmax(-1).max(-1)
+    keep = labels.ne(NUM_CLASSES) & (scores > threshold)
+    seg = torch.zeros(logits.shape[-2:], dtype=torch.int32)
+    scores, labels, probs = scores[keep], labels[keep], logits[keep].sigmoid()
+    if len(scores) == 0:
+        return seg, []
+    winner = (scores[:, None, None] * probs).argmax(0)
+    segments: list[dict] = []
+    stuff: dict[int, dict] = {}
+    for k in range(len(scores)):
+        won = winner == k
+        own = probs[k] >= 0.5
+        segment_pixels = won & own
+        won_area, own_area, area = int(won.sum()), int(own.sum()), int(segment_pixels.sum())
+        if won_area == 0 or own_area == 0 or area == 0 or won_area / own_area < CONFIG.overlap_threshold:
+            continue
+        label, isthing = int(labels[k]), bool(IS_THING[labels[k]])
+        segment = None if isthing else stuff.get(label)
+        if segment is None:
+            score = float(scores[k])
+            segment = {"id": len(segments) + 1, "label": label, "isthing": isthing, "score": score, "area": 0}
+            segments.append(segment)
+            if not isthing:
+                stuff[label] = segment
+        segment["score"] = max(segment["score"], float(scores[k]))
+        segment["area"] += area
+        seg[segment_pixels] = segment["id"]
+    return seg, segments
+
+
+def _reference_instances(class_logits: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k (query, class) pairs, things only, scored on full-resolution masks: masks, labels,
+    scores, boxes sorted by descending score."""
+    class_probs = class_logits.softmax(-1)[:, :-1].flatten()
+    class_scores, pair = class_probs.topk(min(CONFIG.test_topk_per_image, class_probs.numel()))
+    labels, queries = pair % NUM_CLASSES, pair // NUM_CLASSES
+    thing = IS_THING[labels]
+    class_scores, labels, queries = class_scores[thing], labels[thing], queries[thing]
+    masks = logits[queries] > 0
+    probs = logits[queries].sigmoid()
+    mask_scores = (probs.flatten(1) * masks.flatten(1)).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+    scores = class_scores * mask_scores
+    order = scores.argsort(descending=True, stable=True)
+    boxes = torch.zeros(len(queries), 4)
+    for n, mask in enumerate(masks):
+        if mask.any():
+            ys, xs = mask.nonzero(as_tuple=True)
+            boxes[n] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+    return masks[order], labels[order], scores[order], boxes[order]
+
+
+def _postprocess(class_logits: Tensor, mask_logits: Tensor, sizes: ImageSizes, task: str, threshold: float | None):
+    outputs = Mask2FormerOutput(class_logits=class_logits[None], mask_logits=mask_logits[None])
+    return ARCHITECTURE.postprocess(CONFIG, outputs, 0, sizes, task, threshold, IS_THING)
+
+
+def _random_logits(seed: int, queries: int, logit_size: tuple[int, int], confident: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    class_logits = torch.randn(queries, NUM_CLASSES + 1, generator=generator)
+    sure = torch.randperm(queries, generator=generator)[:confident]
+    class_logits[sure, torch.randint(NUM_CLASSES, (confident,), generator=generator)] += 6.0
+    return class_logits, 3 * torch.randn(queries, *logit_size, generator=generator)
+
+
+def _blob_logits(queries: int, logit_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Square blobs, two identical queries (exact ties), every query confident of some class."""
+    height, width = logit_size
+    mask_logits = torch.full((queries, height, width), -4.0)
+    for q in range(queries):
+        y0, x0 = (q * 3) % max(height - 4, 1), (q * 5) % max(width - 4, 1)
+        mask_logits[q, y0 : y0 + height // 2, x0 : x0 + width // 2] = 4.0 + q % 3
+    mask_logits[1] = mask_logits[0]
+    class_logits = torch.full((queries, NUM_CLASSES + 1), -3.0)
+    class_logits[torch.arange(queries), torch.arange(queries) % NUM_CLASSES] = 5.0
+    class_logits[1] = class_logits[0]
+    return class_logits, mask_logits
+
+
+# (logit size, padded, resized, original): equal sizes (every resize skipped), padding cropped,
+# sizes not multiples of 4, non-square, up- and down-scaling, logits already at padded size.
+SIZES = [
+    ((12, 16), ImageSizes((48, 64), (48, 64), (48, 64))),
+    ((12, 16), ImageSizes((48, 64), (45, 61), (45, 61))),
+    ((12, 16), ImageSizes((48, 64), (41, 64), (30, 47))),
+    ((10, 14), ImageSizes((40, 56), (37, 53), (75, 101))),
+    ((9, 23), ImageSizes((36, 92), (33, 90), (33, 90))),
+    ((20, 20), ImageSizes((20, 20), (18, 19), (37, 21))),
+]
+CASES = [
+    pytest.param(*size, logits, id=f"{name}-{size[1].original[0]}x{size[1].original[1]}")
+    for size in SIZES
+    for name, logits in [
+        ("random", lambda shape: _random_logits(0, 16, shape, confident=5)),
+        ("none-kept", lambda shape: _random_logits(1, 12, shape, confident=0)),
+        ("all-kept", lambda shape: _random_logits(2, 9, shape, confident=9)),
+        ("blobs-ties", lambda shape: _blob_logits(10, shape)),
+    ]
+]
+
+
+@pytest.mark.parametrize("logit_size, sizes, make_logits", CASES)
+def test_semantic_scores_equal_the_full_resolution_reference(logit_size, sizes, make_logits) -> None:
+    class_logits, mask_logits = make_logits(logit_size)
+    expected = _reference_semantic(class_logits, _reference_to_image(mask_logits, sizes))
+    scores = _postprocess(class_logits, mask_logits, sizes, "semantic", None)
+    assert torch.equal(scores, expected)
+    assert torch.equal(scores.argmax(0), expected.argmax(0))
+
+
+@pytest.mark.parametrize("logit_size, sizes, make_logits", CASES)
+def test_panoptic_segments_equal_the_full_resolution_reference(logit_size, sizes, make_logits) -> None:
+    class_logits, mask_logits = make_logits(logit_size)
+    threshold = CONFIG.object_mask_threshold
+    expected_seg, expected_segments = _reference_panoptic(
+        class_logits, _reference_to_image(mask_logits, sizes), threshold
+    )
+    prediction = _postprocess(class_logits, mask_logits, sizes, "panoptic", threshold)
+    assert torch.equal(prediction.panoptic_seg, expected_seg)
+    assert [dict(segment) for segment in prediction.segments] == expected_segments
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+@pytest.mark.parametrize("logit_size, sizes, make_logits", CASES)
+def test_instances_above_the_threshold_equal_the_full_resolution_reference(
+    logit_size, sizes, make_logits, threshold: float
+) -> None:
+    class_logits, mask_logits = make_logits(logit_size)
+    masks, labels, scores, boxes = _reference_instances(class_logits, _reference_to_image(mask_logits, sizes))
+    prediction = _postprocess(class_logits, mask_logits, sizes, "instance", threshold)
+    # The pipeline keeps scores >= threshold; candidates that cannot reach it may be left out.
+    kept, expected_kept = prediction.scores >= threshold, scores >= threshold
+    assert torch.equal(prediction.masks[kept], masks[expected_kept])
+    assert torch.equal(prediction.labels[kept], labels[expected_kept])
+    # A float32 sum over a mask's pixels may round differently when torch reduces a different
+    # number of rows at once (its threads split the work by the output size), so the mean mask
+    # probability can move by an ulp once fewer candidates are scored; with all of them kept
+    # (threshold 0) the scores are identical.
+    if threshold == 0.0:
+        assert torch.equal(prediction.scores, scores)
+    torch.testing.assert_close(prediction.scores[kept], scores[expected_kept], rtol=1e-6, atol=0)
+    assert torch.equal(prediction.boxes[kept], boxes[expected_kept])
+    if threshold == 0.0:
+        assert len(prediction.scores) == len(scores)
+
+
+def test_subset_resize_equals_rows_of_the_full_resize() -> None:
+    """Resizing is per query: the premise of resizing only the kept queries."""
+    from segscope.models.mask2former.postprocess import mask_logits_to_image
+
+    _, mask_logits = _random_logits(3, 20, (50, 76), confident=0)
+    sizes = ((200, 304), (197, 301), (411, 333))
+    rows = torch.tensor([0, 3, 4, 17])
+    assert torch.equal(mask_logits_to_image(mask_logits[rows], *sizes), mask_logits_to_image(mask_logits, *sizes)[rows])
+
+
+def test_skipped_identity_resizes_equal_interpolating_to_the_same_size() -> None:
+    from segscope.models.mask2former.postprocess import mask_logits_to_image
+
+    _, mask_logits = _random_logits(4, 5, (40, 60), confident=0)
+    sizes = ImageSizes((40, 60), (40, 60), (40, 60))
+    resized = mask_logits_to_image(mask_logits, sizes.padded, sizes.resized, sizes.original)
+    assert torch.equal(resized, _reference_to_image(mask_logits, sizes))
+
+
+@pytest.mark.parametrize("logit_size, sizes, make_logits", CASES[4:12])
+def test_panoptic_pixel_chunks_do_not_change_the_segments(logit_size, sizes, make_logits, monkeypatch) -> None:
+    """Chunk boundaries that fall mid-row (97 pixels) give the same map as the whole image."""
+    from segscope.models.mask2former import postprocess
+
+    class_logits, mask_logits = make_logits(logit_size)
+    threshold = CONFIG.object_mask_threshold
+    expected_seg, expected_segments = _reference_panoptic(
+        class_logits, _reference_to_image(mask_logits, sizes), threshold
+    )
+    monkeypatch.setattr(postprocess, "_PIXEL_CHUNK", 97)
+    prediction = _postprocess(class_logits, mask_logits, sizes, "panoptic", threshold)
+    assert torch.equal(prediction.panoptic_seg, expected_seg)
+    assert [dict(segment) for segment in prediction.segments] == expected_segments
