@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segscope.models.init import caffe2_xavier_init
-from segscope.models.ops.ms_deform_attn import MultiScaleDeformableAttention, level_reference_points
+from segscope.models.ops.ms_deform_attn import MultiScaleDeformableAttention, level_extents, level_reference_points
 from segscope.models.ops.position_encoding import sine_position_encoding
 
 # Strides 32, 16 and 8 enter the deformable encoder; stride 4 only the FPN step.
@@ -47,9 +47,10 @@ class DeformableEncoderLayer(nn.Module):
         reference_points: Tensor,
         spatial_shapes: list[tuple[int, int]],
         level_start_index: Tensor,
+        level_extent: Tensor | None = None,
     ) -> Tensor:
-        """``x, pos [B,S,C]``, ``reference_points [B,S,L,2]`` -> ``[B,S,C]``."""
-        attended = self.self_attn(x + pos, reference_points, x, spatial_shapes, level_start_index)
+        """``x, pos [B,S,C]``, ``reference_points [B,S,L,2]`` -> ``[B,S,C]``; ``level_extent [L, 2]``."""
+        attended = self.self_attn(x + pos, reference_points, x, spatial_shapes, level_start_index, level_extent)
         x = self.self_attn_norm(x + attended)
         return self.ffn_norm(x + self.linear2(F.relu(self.linear1(x))))
 
@@ -119,8 +120,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         level_start_index = torch.tensor([0, *level_sizes[:-1]], device=device).cumsum(0)
         reference_points = level_reference_points(spatial_shapes, batch, device)
         reference_points = reference_points.expand(-1, -1, len(spatial_shapes), -1)
+        # Level tables shared by every layer.
+        level_extent = level_extents(spatial_shapes, reference_points.dtype, device)
         for layer in self.layers:
-            tokens = layer(tokens, pos, reference_points, spatial_shapes, level_start_index)
+            tokens = layer(tokens, pos, reference_points, spatial_shapes, level_start_index, level_extent)
 
         multi_scale = [
             level.transpose(1, 2).reshape(batch, dim, h, w)
