@@ -215,7 +215,12 @@ class WindowAttention(nn.Module):
             # [nW,heads,N,N] repeated over the batch, matching the window order of the batch.
             bias = (bias + mask.unsqueeze(1)).repeat(num_windows // mask.shape[0], 1, 1, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        return self.proj(out.transpose(1, 2).reshape(num_windows, tokens, channels))
+        out = out.transpose(1, 2)
+        if torch.compiler.is_exporting():
+            # CPU SDPA returns this transpose contiguous, so export records a view; the ONNX
+            # decomposition's math attention does not, and the view fails. A copy is exact.
+            out = out.clone(memory_format=torch.contiguous_format)
+        return self.proj(out.reshape(num_windows, tokens, channels))
 
 
 class Mlp(nn.Module):
