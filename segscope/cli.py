@@ -60,6 +60,18 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
         "threshold); not used by the semantic task",
     )
     parser.add_argument("--max-frames", type=int, help="videos and webcams: stop after this many frames")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="run the network under autocast in this dtype (float16: CUDA only); post-processing stays float32",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network (needs a C++ compiler; batches are padded to size buckets, so the first "
+        "batch of each bucket is slow): pays off over many images",
+    )
     drawing = parser.add_argument_group("overlay pictures and videos")
     drawing.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours, 0 (contours only) to 1")
     drawing.add_argument("--no-labels", action="store_true", help="write no captions (class names, scores)")
@@ -94,6 +106,8 @@ def _predict(args: argparse.Namespace) -> int:
             device=context.device,
             batch_size=args.batch_size,
             threshold=args.threshold,
+            dtype=args.dtype,
+            compile=args.compile,
         )
         if _is_video_source(args.source):
             return _predict_video(args, segmenter, style, context)

@@ -2,8 +2,8 @@
 
 The pipeline turns these into ``SegmentationResult``s; every architecture's post-processor
 (``segscope.registry.Architecture.postprocess``) returns one of them per image and task:
-``PanopticPrediction`` (panoptic), a ``[C,H,W]`` score tensor (semantic: the pixel's class is
-the argmax) or ``InstancePrediction`` (instance), all at the image's original size.
+``PanopticPrediction`` (panoptic), ``SemanticPrediction`` (semantic) or ``InstancePrediction``
+(instance), all at the image's original size.
 """
 
 from __future__ import annotations
@@ -45,6 +45,22 @@ class PanopticPrediction:
 
 
 @dataclass
+class SemanticPrediction:
+    """``labels [H,W]`` int64: each pixel's best class (the first on ties); ``confidence [H,W]``
+    float32: that class's share of the pixel's summed class scores, ``max_c s_c / sum_c s_c``."""
+
+    labels: Tensor
+    confidence: Tensor
+
+    @classmethod
+    def from_scores(cls, scores: Tensor) -> SemanticPrediction:
+        """The prediction of class scores ``scores [C,H,W]`` (non-negative), e.g. stitched windows."""
+        share = scores / scores.sum(0, keepdim=True).clamp_min(1e-12)
+        confidence, labels = share.max(0)
+        return cls(labels=labels, confidence=confidence.float())
+
+
+@dataclass
 class InstancePrediction:
     """K instances by descending score: ``masks [K,H,W]`` bool, ``labels [K]`` int64
     contiguous classes, ``scores [K]`` float, ``boxes [K,4]`` float (x0, y0, x1, y1) in pixels,
@@ -56,4 +72,4 @@ class InstancePrediction:
     boxes: Tensor
 
 
-Prediction = Union[PanopticPrediction, Tensor, InstancePrediction]
+Prediction = Union[PanopticPrediction, SemanticPrediction, InstancePrediction]

@@ -47,12 +47,16 @@ class Architecture:
         build: config -> randomly initialised network (see the module docstring).
         tasks: the tasks ``postprocess`` serves.
         postprocess: ``(config, outputs, index, sizes, task, threshold, is_thing)`` -> the
-            prediction for image ``index`` of the batch at its original size. ``threshold`` is
-            the pipeline's (already defaulted by ``default_threshold``); ``is_thing [C]`` bool.
+            prediction for image ``index`` of the batch at its original size: a
+            ``PanopticPrediction``, ``SemanticPrediction`` (label map and confidence, no
+            ``[C,H,W]`` score map) or ``InstancePrediction`` (``segscope.predictions``).
+            ``threshold`` is the pipeline's (already defaulted by ``default_threshold``);
+            ``is_thing [C]`` bool.
         default_threshold: ``(config, task)`` -> the score threshold a task applies when the
             user gives none (None: the task has no threshold).
         window_scores: ``outputs`` -> semantic class scores ``[B,C,h,w]`` at the network's
-            output resolution, for sliding-window inference; None if it cannot slide.
+            output resolution, for sliding-window inference (the pipeline stitches them and
+            takes ``SemanticPrediction.from_scores``); None if it cannot slide.
         file_formats: checkpoint formats its weights come in (``segscope convert --format``),
             each imported only when used.
         example_config: ``num_classes`` -> a small config for tests and examples.

@@ -8,7 +8,7 @@ from torch import Tensor
 from segscope.config import Mask2FormerConfig, SwinConfig, mask2former_config_from_dict
 from segscope.models.mask2former import postprocess
 from segscope.models.mask2former.model import Mask2Former, Mask2FormerOutput
-from segscope.predictions import ImageSizes, Prediction
+from segscope.predictions import ImageSizes, Prediction, SemanticPrediction
 from segscope.registry import Architecture, FileFormat, register
 
 
@@ -41,7 +41,8 @@ def _postprocess(
         queries, scores, labels = postprocess.panoptic_queries(class_logits, threshold)
         return postprocess.panoptic_segments(scores, labels, to_image(queries), is_thing, config.overlap_threshold)
     if task == "semantic":
-        return _semantic_scores(class_logits, to_image(None), mask_logits)
+        # The label map and confidence of the full [C,H,W] scores (detectron2's order: resize, then score).
+        return SemanticPrediction.from_scores(_semantic_scores(class_logits, to_image(None), mask_logits))
     # A panoptic model's instances are its things; a model of things only keeps them all.
     things = is_thing if not bool(is_thing.all()) else None
     class_scores, labels, queries = postprocess.instance_candidates(class_logits, config.test_topk_per_image, things)

@@ -66,11 +66,12 @@ SamplingOp = Callable[[Tensor, Sequence[tuple[int, int]], Tensor, Tensor], Tenso
 def _implementation_for(value: Tensor) -> SamplingOp:
     """The one dispatch point: the fastest path for ``value``'s device.
 
-    Graphs being exported (ONNX, TorchScript tracing, ``torch.export``) take the portable path,
-    whose ``grid_sample`` every exporter knows (ONNX ``GridSample``); CUDA tensors the fused
+    Graphs being traced (ONNX, TorchScript, ``torch.export``, ``torch.compile``) take the portable
+    path, whose ``grid_sample`` every tracer knows (ONNX ``GridSample``); CUDA tensors the fused
     Triton kernels when Triton is installed; CPU tensors the gather path.
     """
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        # is_compiling covers torch.export too; the gather path's sizes depend on the data.
         return deformable_attention_grid_sample
     if value.device.type == "cpu":
         return deformable_attention_gather

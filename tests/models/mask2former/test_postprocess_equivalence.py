@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segscope.models.mask2former.model import Mask2FormerOutput
-from segscope.predictions import ImageSizes
+from segscope.predictions import ImageSizes, SemanticPrediction
 from segscope.registry import get_architecture
 
 NUM_CLASSES = 7
@@ -142,9 +142,17 @@ CASES = [
 def test_semantic_scores_equal_the_full_resolution_reference(logit_size, sizes, make_logits) -> None:
     class_logits, mask_logits = make_logits(logit_size)
     expected = _reference_semantic(class_logits, _reference_to_image(mask_logits, sizes))
-    scores = _postprocess(class_logits, mask_logits, sizes, "semantic", None)
-    assert torch.equal(scores, expected)
-    assert torch.equal(scores.argmax(0), expected.argmax(0))
+    prediction = _postprocess(class_logits, mask_logits, sizes, "semantic", None)
+    share = expected / expected.sum(0, keepdim=True).clamp_min(1e-12)
+    assert torch.equal(prediction.labels, expected.argmax(0))
+    assert torch.equal(prediction.confidence, share.max(0).values)
+
+
+def test_semantic_prediction_of_scores_takes_the_first_argmax_and_its_share() -> None:
+    scores = torch.tensor([[[1.0, 0.0]], [[3.0, 0.0]], [[3.0, 0.0]]])
+    prediction = SemanticPrediction.from_scores(scores)
+    assert prediction.labels.tolist() == [[1, 0]]
+    torch.testing.assert_close(prediction.confidence, torch.tensor([[3.0 / 7.0, 0.0]]))
 
 
 @pytest.mark.parametrize("logit_size, sizes, make_logits", CASES)
