@@ -55,9 +55,8 @@ class SemanticPrediction:
     @classmethod
     def from_scores(cls, scores: Tensor) -> SemanticPrediction:
         """The prediction of class scores ``scores [C,H,W]`` (non-negative), e.g. stitched windows."""
-        share = scores / scores.sum(0, keepdim=True).clamp_min(1e-12)
-        confidence, labels = share.max(0)
-        return cls(labels=labels, confidence=confidence.float())
+        best, labels = scores.max(0)
+        return cls(labels=labels, confidence=(best / scores.sum(0).clamp_min(1e-12)).float())
 
 
 @dataclass

@@ -41,8 +41,8 @@ def _postprocess(
         queries, scores, labels = postprocess.panoptic_queries(class_logits, threshold)
         return postprocess.panoptic_segments(scores, labels, to_image(queries), is_thing, config.overlap_threshold)
     if task == "semantic":
-        # The label map and confidence of the full [C,H,W] scores (detectron2's order: resize, then score).
-        return SemanticPrediction.from_scores(_semantic_scores(class_logits, to_image(None), mask_logits))
+        # Detectron2's order: resize the mask logits, then score the classes.
+        return _semantic_prediction(class_logits, to_image(None), mask_logits)
     # A panoptic model's instances are its things; a model of things only keeps them all.
     things = is_thing if not bool(is_thing.all()) else None
     class_scores, labels, queries = postprocess.instance_candidates(class_logits, config.test_topk_per_image, things)
@@ -53,12 +53,14 @@ def _postprocess(
     return postprocess.instance_masks(class_scores, labels, inverse, to_image(unique))
 
 
-def _semantic_scores(class_logits: Tensor, image_logits: Tensor, network_logits: Tensor) -> Tensor:
-    """``semantic_scores`` of ``image_logits [Q,H0,W0]``, taking their sigmoid in place when they
-    are a fresh tensor rather than the network's ``network_logits [Q,h,w]`` themselves."""
+def _semantic_prediction(class_logits: Tensor, image_logits: Tensor, network_logits: Tensor) -> SemanticPrediction:
+    """The semantic prediction of ``image_logits [Q,H0,W0]``, taking their sigmoid in place when
+    they are a fresh tensor rather than the network's ``network_logits [Q,h,w]`` themselves."""
     if image_logits.untyped_storage().data_ptr() == network_logits.untyped_storage().data_ptr():
-        return postprocess.semantic_scores(class_logits, image_logits)
-    return postprocess.semantic_scores_of_probs(class_logits, image_logits.sigmoid_())
+        image_logits = image_logits.sigmoid()
+    else:
+        image_logits = image_logits.sigmoid_()
+    return postprocess.semantic_prediction_of_probs(class_logits, image_logits)
 
 
 def _default_threshold(config: Mask2FormerConfig, task: str) -> float | None:
