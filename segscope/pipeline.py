@@ -110,11 +110,9 @@ class SegmentationPipeline:
                 raise OptionError(f"num_threads must be >= 1, got {num_threads}")
             torch.set_num_threads(num_threads)
         self.dtype = _autocast_dtype(dtype, self.device)
-        # The network stays in the default contiguous layout, not channels_last: only ResNet
-        # backbones are convolutional, while Swin/BEiT, the deformable pixel decoder and the
-        # transformer decoder flatten every map into tokens (flatten(2)), which would copy a
-        # channels_last map back at each level. Unmeasured on a GPU, where convolutions under
-        # autocast are the case channels_last helps.
+        # Memory format is the network's own choice, not the pipeline's: the ResNet backbone keeps
+        # its convolutions channels-last (measured faster on CPU), while Swin/BEiT, the deformable
+        # pixel decoder and the transformer decoder work on flattened tokens.
         self.module = model.module.to(self.device).eval()
         self.compile = compile
         self._network = _compiled(self.module, self.device) if compile else self.module

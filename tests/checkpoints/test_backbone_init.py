@@ -54,7 +54,8 @@ def test_torchvision_resnet50_file_gives_torchvisions_features(tmp_path: Path) -
             expected.append(x)
         got = backbone(images)
     for ours, theirs in zip(got, expected, strict=True):
-        assert torch.equal(ours, theirs)
+        # segscope runs its convolutions channels-last: the same sums in another order.
+        assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5
 
 
 def _timm_swin_t() -> torch.nn.Module:

