@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +51,16 @@ def setup(device: str | None = None) -> DistributedContext:
 
 
 def teardown() -> None:
-    """Leave the process group, if one was joined."""
+    """Leave the process group, if one was joined, all ranks together.
+
+    The barrier first: a Gloo rank that tears its connections down while a peer is still
+    using them (rank 0 writing results after the last collective) can abort the peer. Called
+    from a ``finally`` while an exception propagates, it skips the barrier, which a failed
+    peer might never reach.
+    """
     if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
