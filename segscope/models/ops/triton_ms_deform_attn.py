@@ -129,6 +129,25 @@ if triton is not None:
         return x0f.to(tl.int64), y0f.to(tl.int64), px - x0f, py - y0f
 
     @triton.jit
+    def _corners(value_base, start, row_stride, loc_ptr, index, query_mask, height, width, channels, channel_mask):
+        """The four bilinear corners of points ``index [BLOCK_Q]`` on one level, each a float32
+        ``[BLOCK_Q, BLOCK_D]`` block with its offsets and mask, and the fractions ``(fx, fy)``."""
+        x0, y0, fx, fy = _locate(loc_ptr, index, query_mask, height, width)
+        v00, o00, k00 = _gather_corner(
+            value_base, start, row_stride, y0, x0, height, width, query_mask, channels, channel_mask
+        )
+        v01, o01, k01 = _gather_corner(
+            value_base, start, row_stride, y0, x0 + 1, height, width, query_mask, channels, channel_mask
+        )
+        v10, o10, k10 = _gather_corner(
+            value_base, start, row_stride, y0 + 1, x0, height, width, query_mask, channels, channel_mask
+        )
+        v11, o11, k11 = _gather_corner(
+            value_base, start, row_stride, y0 + 1, x0 + 1, height, width, query_mask, channels, channel_mask
+        )
+        return v00, v01, v10, v11, o00, o01, o10, o11, k00, k01, k10, k11, fx, fy
+
+    @triton.jit
     def _forward_kernel(
         value_ptr,
         shapes_ptr,
@@ -167,18 +186,8 @@ if triton is not None:
             for point in range(num_points):
                 index = point_base + level * num_points + point
                 attn = tl.load(attn_ptr + index, mask=query_mask, other=0.0).to(tl.float32)
-                x0, y0, fx, fy = _locate(loc_ptr, index, query_mask, height, width)
-                v00, _, _ = _gather_corner(
-                    value_base, start, row_stride, y0, x0, height, width, query_mask, channels, channel_mask
-                )
-                v01, _, _ = _gather_corner(
-                    value_base, start, row_stride, y0, x0 + 1, height, width, query_mask, channels, channel_mask
-                )
-                v10, _, _ = _gather_corner(
-                    value_base, start, row_stride, y0 + 1, x0, height, width, query_mask, channels, channel_mask
-                )
-                v11, _, _ = _gather_corner(
-                    value_base, start, row_stride, y0 + 1, x0 + 1, height, width, query_mask, channels, channel_mask
+                v00, v01, v10, v11, _, _, _, _, _, _, _, _, fx, fy = _corners(
+                    value_base, start, row_stride, loc_ptr, index, query_mask, height, width, channels, channel_mask
                 )
                 top = v00 + (v01 - v00) * fx[:, None]
                 bottom = v10 + (v11 - v10) * fx[:, None]
@@ -235,18 +244,8 @@ if triton is not None:
             for point in range(num_points):
                 index = point_base + level * num_points + point
                 attn = tl.load(attn_ptr + index, mask=query_mask, other=0.0).to(tl.float32)
-                x0, y0, fx, fy = _locate(loc_ptr, index, query_mask, height, width)
-                v00, o00, k00 = _gather_corner(
-                    value_base, start, row_stride, y0, x0, height, width, query_mask, channels, channel_mask
-                )
-                v01, o01, k01 = _gather_corner(
-                    value_base, start, row_stride, y0, x0 + 1, height, width, query_mask, channels, channel_mask
-                )
-                v10, o10, k10 = _gather_corner(
-                    value_base, start, row_stride, y0 + 1, x0, height, width, query_mask, channels, channel_mask
-                )
-                v11, o11, k11 = _gather_corner(
-                    value_base, start, row_stride, y0 + 1, x0 + 1, height, width, query_mask, channels, channel_mask
+                v00, v01, v10, v11, o00, o01, o10, o11, k00, k01, k10, k11, fx, fy = _corners(
+                    value_base, start, row_stride, loc_ptr, index, query_mask, height, width, channels, channel_mask
                 )
                 gx = fx[:, None]
                 gy = fy[:, None]
