@@ -54,7 +54,8 @@ class SemanticPrediction:
 
     @classmethod
     def from_scores(cls, scores: Tensor) -> SemanticPrediction:
-        """The prediction of class scores ``scores [C,H,W]`` (non-negative), e.g. stitched windows."""
+        """The prediction of class scores ``scores [C,...]`` (non-negative; ``[C,H,W]`` stitched windows, or
+        ``[C,N]`` a step of pixels): the first best class and its share of the summed scores."""
         best, labels = scores.max(0)
         return cls(labels=labels, confidence=(best / scores.sum(0).clamp_min(1e-12)).float())
 

@@ -93,13 +93,14 @@ def semantic_prediction_of_probs(class_logits: Tensor, mask_probs: Tensor) -> Se
     class_probs = class_logits.softmax(-1)[:, :-1].t().contiguous()  # [C,Q]
     height, width = mask_probs.shape[-2:]
     pixels = mask_probs.reshape(mask_probs.shape[0], -1)
-    labels = torch.empty(height * width, dtype=torch.int64, device=mask_probs.device)
-    confidence = torch.empty(height * width, dtype=mask_probs.dtype, device=mask_probs.device)
-    for start in range(0, height * width, _SEMANTIC_STEP):
-        scores = class_probs @ pixels[:, start : start + _SEMANTIC_STEP]
-        best, labels[start : start + _SEMANTIC_STEP] = scores.max(0)
-        torch.div(best, scores.sum(0).clamp_min(1e-12), out=confidence[start : start + _SEMANTIC_STEP])
-    return SemanticPrediction(labels=labels.view(height, width), confidence=confidence.view(height, width).float())
+    steps = [
+        SemanticPrediction.from_scores(class_probs @ pixels[:, start : start + _SEMANTIC_STEP])  # [C, step]
+        for start in range(0, height * width, _SEMANTIC_STEP)
+    ]
+    return SemanticPrediction(
+        labels=torch.cat([step.labels for step in steps]).view(height, width),
+        confidence=torch.cat([step.confidence for step in steps]).view(height, width),
+    )
 
 
 def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
