@@ -260,9 +260,9 @@ def _models(args: argparse.Namespace) -> int:
 def _add_train(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "train",
-        help="train Mask2Former on panoptic or semantic data (torchrun for several GPUs)",
-        description="The config's task (panoptic or semantic) says what --data holds and what the model learns. "
-        "Checkpoints go to WORK_DIR/epoch_N.pth after every epoch; --resume continues from the newest.",
+        help="train a model on panoptic, semantic or instance data (torchrun for several GPUs)",
+        description="The config's task (panoptic, semantic or instance) says what --data holds and what the model "
+        "learns. Checkpoints go to WORK_DIR/epoch_N.pth after every epoch; --resume continues from the newest.",
     )
     parser.add_argument("--config", "-c", required=True, help="preset name or JSON file")
     parser.add_argument(
