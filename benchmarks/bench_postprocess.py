@@ -6,8 +6,9 @@ padded input, and bring their result to the original size. HF is called with ``t
 (it resizes mask logits to 384 x 384 first, then its results to the target size); segscope
 with ``get_architecture("mask2former").postprocess`` (detectron2's rules). The table reports
 median seconds after a warm-up and the ratio segscope / HF (below 1: segscope is faster).
-Note the semantic outputs differ in kind: HF returns the label map, segscope the ``[C,H,W]``
-class scores the pipeline takes the argmax of.
+Semantic: HF scores the classes on 384 x 384 masks and resizes the ``[C,H,W]`` scores; segscope
+follows detectron2 (resize the ``[Q,h,w]`` mask logits, then score every pixel of the original
+size), so it does ``Q x C`` multiply-adds per original pixel, and returns labels and confidence.
 
     python benchmarks/bench_postprocess.py --repeats 5 [--json results.json]
 """

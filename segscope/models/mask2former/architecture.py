@@ -56,11 +56,8 @@ def _postprocess(
 def _semantic_prediction(class_logits: Tensor, image_logits: Tensor, network_logits: Tensor) -> SemanticPrediction:
     """The semantic prediction of ``image_logits [Q,H0,W0]``, taking their sigmoid in place when
     they are a fresh tensor rather than the network's ``network_logits [Q,h,w]`` themselves."""
-    if image_logits.untyped_storage().data_ptr() == network_logits.untyped_storage().data_ptr():
-        image_logits = image_logits.sigmoid()
-    else:
-        image_logits = image_logits.sigmoid_()
-    return postprocess.semantic_prediction_of_probs(class_logits, image_logits)
+    fresh = image_logits.untyped_storage().data_ptr() != network_logits.untyped_storage().data_ptr()
+    return postprocess.semantic_prediction(class_logits, image_logits, in_place=fresh)
 
 
 def _default_threshold(config: Mask2FormerConfig, task: str) -> float | None:
