@@ -107,13 +107,15 @@ def deformable_attention_grid_sample(
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     level_sizes = [height * width for height, width in spatial_shapes]
     # grid_sample works per (batch, head): fold heads into the batch and move channels first.
-    # It also wants the grid in the values' dtype (under autocast it runs both in float32).
-    grids = (2.0 * sampling_locations - 1.0).to(value.dtype).transpose(1, 2).flatten(0, 1)  # [B*M, Q, L, P, 2]
+    # It wants grid and map in one dtype: the wider of the two, as rounding float32 locations
+    # to bfloat16 (autocast's values) would move points by up to 1/512 of the map.
+    dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
+    grids = (2.0 * sampling_locations - 1.0).to(dtype).transpose(1, 2).flatten(0, 1)  # [B*M, Q, L, P, 2]
     sampled = []
     for level, (level_value, (height, width)) in enumerate(
         zip(value.split(level_sizes, dim=1), spatial_shapes)
     ):
-        level_map = level_value.permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, height, width)
+        level_map = level_value.permute(0, 2, 3, 1).reshape(batch * num_heads, head_dim, height, width).to(dtype)
         sampled.append(
             F.grid_sample(
                 level_map,
@@ -125,7 +127,7 @@ def deformable_attention_grid_sample(
         )  # [B*M, D, Q, P]
     samples = torch.stack(sampled, dim=3).flatten(3)  # [B*M, D, Q, L*P]
     weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels * num_points)
-    output = (samples * weights).sum(-1)  # [B*M, D, Q]
+    output = (samples * weights).sum(-1).to(value.dtype)  # [B*M, D, Q]
     return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
 

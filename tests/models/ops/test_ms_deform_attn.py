@@ -103,3 +103,21 @@ def test_layer_starts_sampling_point_k_at_k_pixels_along_its_heads_direction() -
     assert not layer.sampling_offsets.weight.any()
     # Zero logits: every sampled point starts with the same weight.
     assert not layer.attention_weights.weight.any() and not layer.attention_weights.bias.any()
+
+
+def test_grid_sample_path_keeps_float32_locations_with_bfloat16_values() -> None:
+    """Under autocast the values are bfloat16 but the locations float32: near the far edge of a
+    152-wide map a bfloat16 location is off by up to 0.6 pixel, so the grid must not be rounded."""
+    from segscope.models.ops.ms_deform_attn import deformable_attention_grid_sample
+
+    width = 152
+    value = torch.zeros(1, width, 1, 1, dtype=torch.bfloat16)
+    value[0, 140:, 0, 0] = torch.arange(width - 140, dtype=torch.bfloat16)  # a ramp under the points
+    pixels = torch.linspace(140.1, 150.8, 23, dtype=torch.float64)  # pixel-centre coordinates
+    locations = ((pixels + 0.5) / width).view(1, -1, 1, 1, 1, 1).expand(-1, -1, -1, -1, -1, 2).contiguous()
+    locations[..., 1] = 0.5  # the map's one row
+    weights = torch.ones(1, len(pixels), 1, 1, 1)
+    out = deformable_attention_grid_sample(value, [(1, width)], locations.float(), weights)
+    assert out.dtype == torch.bfloat16
+    # The ramp read at x is x - 140; the only error left is the output's bfloat16 rounding.
+    torch.testing.assert_close(out.double().flatten(), pixels - 140, atol=0.04, rtol=0.004)
