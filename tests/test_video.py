@@ -56,9 +56,10 @@ def test_predict_on_a_video_keeps_frames_size_and_rate_and_matches_images(clip: 
     lines = [json.loads(line) for line in (out / "clip.jsonl").read_text().splitlines()]
     assert [line["frame"] for line in lines] == list(range(FRAMES))
     assert [line["time"] for line in lines] == pytest.approx([k / RATE for k in range(FRAMES)], abs=1e-5)
-    # The lossy codec changed the pixels: compare with the frames as decoded, not the arrays drawn.
+    # The lossy codec changed the pixels: compare with the frames as decoded, not the arrays drawn,
+    # in the same batches (the network's float rounding is not the same at every batch size).
     decoded, _ = _decode(clip)
-    expected = segscope.pipeline(model="demo", device="cpu")(decoded)
+    expected = segscope.pipeline(model="demo", device="cpu", batch_size=4)(decoded)
     for line, result in zip(lines, expected):
         assert {k: line[k] for k in ("task", "height", "width", "segments")} == result.to_json()
     assert any(line["segments"] for line in lines)

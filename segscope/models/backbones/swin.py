@@ -182,7 +182,8 @@ class SwinBlock(nn.Module):
         padded = (x.shape[1], x.shape[2])
         if self.shift_size:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        x = window_reverse(self.attn(window_partition(x, window), mask), window, padded)
+        windows = window_partition(x, window).unflatten(0, (x.shape[0], -1))
+        x = window_reverse(self.attn(windows, mask).flatten(0, 1), window, padded)
         if self.shift_size:
             x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
         x = x[:, :height, :width].flatten(1, 2)
@@ -207,20 +208,31 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
 
     def forward(self, windows: Tensor, mask: Tensor | None) -> Tensor:
-        """``windows [B*nW,N,C]`` (N = window^2), ``mask [nW,N,N]`` or None -> ``[B*nW,N,C]``."""
-        num_windows, tokens, channels = windows.shape
-        q, k, v = self.qkv(windows).view(num_windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        """``windows [B,nW,N,C]`` (N = window^2), ``mask [nW,N,N]`` or None -> ``[B,nW,N,C]``."""
+        batch, num_windows, tokens, channels = windows.shape
+        qkv = self.qkv(windows).view(batch, num_windows, tokens, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # each [B,nW,heads,N,d], views
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
-        if mask is not None:
-            # [nW,heads,N,N] repeated over the batch, matching the window order of the batch.
-            bias = (bias + mask.unsqueeze(1)).repeat(num_windows // mask.shape[0], 1, 1, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        out = out.transpose(1, 2)
+        # Masks are 4-D: CPU SDPA sends a 3-D one to its unfused math path. Each is cast to q's
+        # dtype (autocast) before it broadcasts, while it is small.
+        if mask is None:
+            # [B*nW,heads,N,d] is a view; the [1,heads,N,N] bias broadcasts over every window.
+            q, k, v = (t.flatten(0, 1) for t in (q, k, v))
+            bias = bias.unsqueeze(0).to(q.dtype)
+        else:
+            # The mask differs per window, the bias per head, neither per image. Folding the
+            # windows into the head axis, [B,nW*heads,N,d] (a copy of q, k, v), lets their sum
+            # [1,nW*heads,N,N] broadcast over the batch instead of being repeated B times, while
+            # SDPA stays 4-D as its fused kernels require (5-D [B,nW,heads,N,d] runs unfused).
+            q, k, v = (t.flatten(1, 2) for t in (q, k, v))
+            bias = (bias + mask.unsqueeze(1)).flatten(0, 1).unsqueeze(0).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.reshape(batch, num_windows, self.num_heads, tokens, -1).transpose(2, 3)
         if torch.compiler.is_exporting():
-            # CPU SDPA returns this transpose contiguous, so export records a view; the ONNX
+            # CPU SDPA can return this transpose contiguous, so export records a view; the ONNX
             # decomposition's math attention does not, and the view fails. A copy is exact.
             out = out.clone(memory_format=torch.contiguous_format)
-        return self.proj(out.reshape(num_windows, tokens, channels))
+        return self.proj(out.reshape(batch, num_windows, tokens, channels))
 
 
 class Mlp(nn.Module):
