@@ -109,7 +109,7 @@ def time_postprocess(
 
     def ours(task: str) -> Callable[[], Any]:
         threshold = architecture.default_threshold(config, task)
-        return lambda: architecture.postprocess(config, outputs, 0, sizes, task, threshold, is_thing)
+        return lambda: architecture.postprocess(config, outputs, [sizes], task, threshold, is_thing)
 
     results = {}
     with torch.inference_mode():

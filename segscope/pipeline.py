@@ -123,9 +123,8 @@ class SegmentationPipeline:
         # (base, step, top) of the compile buckets: see ``compile`` above and ``_bucket_side``.
         self._bucket = (base, max(divisor, _round_up(base // 4, divisor)), _round_up(preprocess.max_size, divisor))
         self._sliding = task == "semantic" and preprocess.window > 0
-        self._is_thing = torch.tensor(
-            [c.isthing for c in self.categories.categories], dtype=torch.bool, device=self.device
-        )
+        # On the CPU: post-processing takes its per-class decisions on the host.
+        self._is_thing = torch.tensor([c.isthing for c in self.categories.categories], dtype=torch.bool)
 
     def __call__(
         self, inputs: ImageInput | Sequence[ImageInput], *, progress: bool = False
@@ -225,15 +224,14 @@ class SegmentationPipeline:
         # The padded size the network saw (the compile bucket, if any): post-processing cuts each
         # resized image out of it, so the extra padding changes no geometry.
         padded_size = (pixels.shape[-2], pixels.shape[-1])
-        config = self.model.description.config
-        results = []
-        for i, image in enumerate(images):
-            sizes = ImageSizes(padded_size, batch.image_sizes[i], batch.original_sizes[i])
-            prediction = self.architecture.postprocess(
-                config, outputs, i, sizes, self.task, self.threshold, self._is_thing
-            )
-            results.append(self._result(image, prediction))
-        return results
+        sizes = [
+            ImageSizes(padded_size, resized, original)
+            for resized, original in zip(batch.image_sizes, batch.original_sizes)
+        ]
+        predictions = self.architecture.postprocess(
+            self.model.description.config, outputs, sizes, self.task, self.threshold, self._is_thing
+        )
+        return [self._result(image, prediction) for image, prediction in zip(images, predictions)]
 
     def _network_input(self, images: torch.Tensor, *, spatial: bool = True) -> torch.Tensor:
         """``images [B,3,H,W]`` as the network gets them: unchanged when eager; when compiled,

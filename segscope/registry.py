@@ -18,7 +18,7 @@ The network contract (in the spirit of torchvision's detection models):
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,12 +46,13 @@ class Architecture:
         config_from_dict: inverse of ``segscope.config.config_to_dict`` for that class.
         build: config -> randomly initialised network (see the module docstring).
         tasks: the tasks ``postprocess`` serves.
-        postprocess: ``(config, outputs, index, sizes, task, threshold, is_thing)`` -> the
-            prediction for image ``index`` of the batch at its original size: a
-            ``PanopticPrediction``, ``SemanticPrediction`` (label map and confidence, no
-            ``[C,H,W]`` score map) or ``InstancePrediction`` (``segscope.predictions``).
-            ``threshold`` is the pipeline's (already defaulted by ``default_threshold``);
-            ``is_thing [C]`` bool.
+        postprocess: ``(config, outputs, sizes, task, threshold, is_thing)`` -> one prediction
+            per image of the batch (``sizes``: an ``ImageSizes`` per image), at its original size
+            and on the CPU: a ``PanopticPrediction``, ``SemanticPrediction`` (label map and
+            confidence, no ``[C,H,W]`` score map) or ``InstancePrediction``
+            (``segscope.predictions``). Results computed on a GPU come to the host together
+            (``segscope.devices.to_host``), not one sync per image. ``threshold`` is the
+            pipeline's (already defaulted by ``default_threshold``); ``is_thing [C]`` bool.
         default_threshold: ``(config, task)`` -> the score threshold a task applies when the
             user gives none (None: the task has no threshold).
         window_scores: ``outputs`` -> semantic class scores ``[B,C,h,w]`` at the network's
@@ -69,7 +70,7 @@ class Architecture:
     config_from_dict: Callable[[dict[str, Any]], Any]
     build: Callable[[Any], nn.Module]
     tasks: tuple[str, ...]
-    postprocess: Callable[[Any, Any, int, ImageSizes, str, float | None, Tensor], Prediction]
+    postprocess: Callable[[Any, Any, Sequence[ImageSizes], str, float | None, Tensor], list[Prediction]]
     default_threshold: Callable[[Any, str], float | None]
     window_scores: Callable[[Any], Tensor] | None
     file_formats: Mapping[str, Callable[[], FileFormat]]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
 from segscope.config import CascadeMaskRCNNConfig, SwinConfig, cascade_mask_rcnn_config_from_dict
+from segscope.devices import to_host
 from segscope.models.cascade_rcnn.mask_head import paste_masks
 from segscope.models.cascade_rcnn.model import CascadeMaskRCNN, CascadeOutput
 from segscope.predictions import ImageSizes, InstancePrediction
@@ -15,12 +18,21 @@ from segscope.registry import Architecture, FileFormat, register
 def _postprocess(
     config: CascadeMaskRCNNConfig,
     outputs: CascadeOutput,
-    index: int,
-    sizes: ImageSizes,
+    sizes: Sequence[ImageSizes],
     task: str,
     threshold: float | None,
     is_thing: Tensor,
-) -> InstancePrediction:
+) -> list[InstancePrediction]:
+    """Each image's detections at its original size, on the CPU, copied there together."""
+    predictions = [_image_detections(outputs, index, image_sizes) for index, image_sizes in enumerate(sizes)]
+    return [InstancePrediction(*tensors) for tensors in to_host([_fields(p) for p in predictions])]
+
+
+def _fields(prediction: InstancePrediction) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return prediction.masks, prediction.labels, prediction.scores, prediction.boxes
+
+
+def _image_detections(outputs: CascadeOutput, index: int, sizes: ImageSizes) -> InstancePrediction:
     """Image ``index``'s detections at its original size: boxes clipped to the resized image and
     scaled back, masks pasted into them (mmdet's ``rescale=True``)."""
     boxes, scores, labels, mask_probs = outputs.detections[index]

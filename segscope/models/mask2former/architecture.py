@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from segscope.config import Mask2FormerConfig, SwinConfig, mask2former_config_from_dict
+from segscope.devices import to_device, to_host
 from segscope.models.mask2former import postprocess
 from segscope.models.mask2former.model import Mask2Former, Mask2FormerOutput
 from segscope.predictions import ImageSizes, Prediction, SemanticPrediction
@@ -15,49 +18,95 @@ from segscope.registry import Architecture, FileFormat, register
 def _postprocess(
     config: Mask2FormerConfig,
     outputs: Mask2FormerOutput,
-    index: int,
-    sizes: ImageSizes,
+    sizes: Sequence[ImageSizes],
     task: str,
     threshold: float | None,
     is_thing: Tensor,
-) -> Prediction:
-    """Detectron2's inference for ``task`` on image ``index``, at its original size.
+) -> list[Prediction]:
+    """Detectron2's inference for ``task`` on each image of the batch, at its original size, on the CPU.
 
+    Per-query decisions (which queries, their classes and scores, which become segments) are
+    taken on the host; per-pixel work runs on the outputs' device for every image and reaches
+    the host in one copy, so a GPU batch waits for the device twice, not per image or segment.
     Only the queries the inference can use are resized to the original size (resizing is per
     query, so the result is the same as resizing all of them): panoptic, those passing the
     object-mask threshold; instance, the distinct queries of the top-k candidates whose class
     probability reaches ``threshold`` (a final score never exceeds it, so the others could
     not pass the pipeline's threshold and are left out of the prediction); semantic, all.
     """
-    mask_logits = outputs.mask_logits[index]
-    class_logits = outputs.class_logits[index].float()
-
-    def to_image(queries: Tensor | None) -> Tensor:
-        """``mask_logits[queries]`` ``[K,h,w]`` -> ``[K,H0,W0]`` float (all queries if None)."""
-        logits = mask_logits if queries is None else mask_logits[queries]
-        return postprocess.mask_logits_to_image(logits, sizes.padded, sizes.resized, sizes.original).float()
-
-    if task == "panoptic":
-        queries, scores, labels = postprocess.panoptic_queries(class_logits, threshold)
-        return postprocess.panoptic_segments(scores, labels, to_image(queries), is_thing, config.overlap_threshold)
     if task == "semantic":
-        # Detectron2's order: resize the mask logits, then score the classes.
-        return _semantic_prediction(class_logits, to_image(None), mask_logits)
+        return _semantic(outputs, sizes)
+    class_logits = outputs.class_logits.float().cpu()  # [B,Q,C+1], one copy for the batch's decisions
+    if task == "panoptic":
+        return _panoptic(config, class_logits, outputs.mask_logits, sizes, threshold, is_thing.cpu())
+    return _instance(config, class_logits, outputs.mask_logits, sizes, threshold, is_thing.cpu())
+
+
+def _panoptic(
+    config: Mask2FormerConfig,
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    sizes: Sequence[ImageSizes],
+    threshold: float | None,
+    is_thing: Tensor,
+) -> list[Prediction]:
+    kept = [postprocess.panoptic_queries(logits, threshold) for logits in class_logits]
+    pixels = [
+        postprocess.panoptic_pixels(to_device(scores, masks.device), _to_image(masks, size, queries))
+        for (queries, scores, _), masks, size in zip(kept, mask_logits, sizes)
+    ]
+    return [
+        postprocess.panoptic_prediction(scores, labels, image_pixels, is_thing, config.overlap_threshold)
+        for (_, scores, labels), image_pixels in zip(kept, to_host(pixels))
+    ]
+
+
+def _semantic(outputs: Mask2FormerOutput, sizes: Sequence[ImageSizes]) -> list[Prediction]:
+    predictions = []
+    for classes, masks, size in zip(outputs.class_logits, outputs.mask_logits, sizes):
+        image_logits = _to_image(masks, size, None)
+        # Detectron2's order: resize the mask logits, then score the classes. The sigmoid goes in
+        # place unless the resize returned the network's own logits.
+        fresh = image_logits.untyped_storage().data_ptr() != masks.untyped_storage().data_ptr()
+        predictions.append(postprocess.semantic_prediction(classes.float(), image_logits, in_place=fresh))
+    host = to_host([(prediction.labels, prediction.confidence) for prediction in predictions])
+    return [SemanticPrediction(labels, confidence) for labels, confidence in host]
+
+
+def _instance(
+    config: Mask2FormerConfig,
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    sizes: Sequence[ImageSizes],
+    threshold: float | None,
+    is_thing: Tensor,
+) -> list[Prediction]:
     # A panoptic model's instances are its things; a model of things only keeps them all.
     things = is_thing if not bool(is_thing.all()) else None
-    class_scores, labels, queries = postprocess.instance_candidates(class_logits, config.test_topk_per_image, things)
-    if threshold is not None:
-        reachable = class_scores >= threshold
-        class_scores, labels, queries = class_scores[reachable], labels[reachable], queries[reachable]
-    unique, inverse = torch.unique(queries, return_inverse=True)
-    return postprocess.instance_masks(class_scores, labels, inverse, to_image(unique))
+    candidates = []
+    for logits in class_logits:
+        class_scores, labels, queries = postprocess.instance_candidates(logits, config.test_topk_per_image, things)
+        if threshold is not None:
+            reachable = class_scores >= threshold
+            class_scores, labels, queries = class_scores[reachable], labels[reachable], queries[reachable]
+        unique, inverse = torch.unique(queries, return_inverse=True)
+        candidates.append((class_scores, labels, inverse, unique))
+    query_masks = [
+        postprocess.instance_query_masks(_to_image(masks, size, unique))
+        for (*_, unique), masks, size in zip(candidates, mask_logits, sizes)
+    ]
+    return [
+        postprocess.instance_prediction(class_scores, labels, inverse, image_masks)
+        for (class_scores, labels, inverse, _), image_masks in zip(candidates, to_host(query_masks))
+    ]
 
 
-def _semantic_prediction(class_logits: Tensor, image_logits: Tensor, network_logits: Tensor) -> SemanticPrediction:
-    """The semantic prediction of ``image_logits [Q,H0,W0]``, taking their sigmoid in place when
-    they are a fresh tensor rather than the network's ``network_logits [Q,h,w]`` themselves."""
-    fresh = image_logits.untyped_storage().data_ptr() != network_logits.untyped_storage().data_ptr()
-    return postprocess.semantic_prediction(class_logits, image_logits, in_place=fresh)
+def _to_image(mask_logits: Tensor, sizes: ImageSizes, queries: Tensor | None) -> Tensor:
+    """One image's ``mask_logits [Q,h,w]`` (rows ``queries`` of them, host indices; all if None)
+    -> ``[K,H0,W0]`` float at its original size."""
+    if queries is not None:
+        mask_logits = mask_logits.index_select(0, to_device(queries, mask_logits.device))
+    return postprocess.mask_logits_to_image(mask_logits, sizes.padded, sizes.resized, sizes.original).float()
 
 
 def _default_threshold(config: Mask2FormerConfig, task: str) -> float | None:

@@ -10,6 +10,7 @@ its test settings. Batching is the caller's loop; every function works on the in
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,9 +77,11 @@ def _class_probs(class_logits: Tensor) -> Tensor:
     return class_logits.softmax(-1)[:, :-1]
 
 
-# Pixels per step of ``semantic_prediction``: the step's [Q,step] probabilities and [step,C] scores
-# stay in cache (4096 to 8192 measured fastest here), instead of the [C,H,W] map (517 MB at 800 x 1216).
-_SEMANTIC_STEP = 8192
+# Pixels per step of ``semantic_prediction``: on the CPU the step's [Q,step] probabilities and
+# [step,C] scores stay in cache (4096 to 8192 measured fastest here) instead of the [C,H,W] map
+# (517 MB at 800 x 1216 and 133 classes); on a GPU, steps large enough to keep it busy.
+_SEMANTIC_STEP_CPU = 8192
+_SEMANTIC_STEP_GPU = 1 << 18
 
 
 def semantic_prediction(class_logits: Tensor, mask_logits: Tensor, in_place: bool = False) -> SemanticPrediction:
@@ -95,10 +98,11 @@ def semantic_prediction(class_logits: Tensor, mask_logits: Tensor, in_place: boo
     class_probs = _class_probs(class_logits).contiguous()  # [Q,C]
     height, width = mask_logits.shape[-2:]
     pixels = mask_logits.reshape(num_queries, height * width)
-    buffer = pixels.new_empty(min(_SEMANTIC_STEP, height * width), class_probs.shape[1])
+    step = _SEMANTIC_STEP_CPU if mask_logits.device.type == "cpu" else _SEMANTIC_STEP_GPU
+    buffer = pixels.new_empty(min(step, height * width), class_probs.shape[1])
     steps = []
-    for start in range(0, height * width, _SEMANTIC_STEP):
-        logits = pixels[:, start : start + _SEMANTIC_STEP]
+    for start in range(0, height * width, step):
+        logits = pixels[:, start : start + step]
         probs = logits.sigmoid_() if in_place else logits.sigmoid()
         scores = torch.mm(probs.t(), class_probs, out=buffer[: probs.shape[1]])  # [step,C]
         steps.append(SemanticPrediction.from_scores(scores.t()))
@@ -183,23 +187,54 @@ def panoptic_segments(
     """Rules 2-4 of ``panoptic_inference`` over the kept queries of ``panoptic_queries``:
     ``scores [K]``, ``labels [K]``, ``mask_logits [K,H,W]`` (K may be 0), ``is_thing [C]``.
     """
-    height, width = mask_logits.shape[-2:]
-    device = mask_logits.device
-    panoptic_seg = torch.zeros((height, width), dtype=torch.int32, device=device)
-    num_kept = mask_logits.shape[0]
-    if num_kept == 0:
-        return PanopticPrediction(panoptic_seg, [])
-    winner, in_mask, own_area = _panoptic_pixels(scores, mask_logits, mask_threshold)
-    # One count of (winner, in its mask) pairs gives both the won and the segment areas.
-    counts = torch.bincount((winner + num_kept * in_mask).flatten(), minlength=2 * num_kept)
-    won_area, segment_area = counts[:num_kept] + counts[num_kept:], counts[num_kept:]
+    pixels = panoptic_pixels(scores, mask_logits, mask_threshold)
+    return panoptic_prediction(scores, labels, pixels, is_thing, overlap_threshold)
 
-    # Decided on the host: a handful of queries, and ids depend on earlier decisions.
+
+class PanopticPixels(NamedTuple):
+    """Rules 2-3 of ``panoptic_inference`` per pixel, for K kept queries: the winning query
+    ``winner [H,W]`` int64, whether the pixel is in the winner's own mask ``in_mask [H,W]`` bool,
+    and per query ``[K]`` int64 the pixels it won, its own-mask area and its segment's area."""
+
+    winner: Tensor
+    in_mask: Tensor
+    won_area: Tensor
+    own_area: Tensor
+    segment_area: Tensor
+
+
+def panoptic_pixels(scores: Tensor, mask_logits: Tensor, mask_threshold: float = 0.5) -> PanopticPixels:
+    """The per-pixel part of ``panoptic_segments`` for ``scores [K]``, ``mask_logits [K,H,W]``, on
+    their device and with no host sync (nothing in it waits for a GPU)."""
+    num_kept, height, width = mask_logits.shape
+    if num_kept == 0:
+        none = mask_logits.new_zeros(0, dtype=torch.long)
+        winner = mask_logits.new_zeros((height, width), dtype=torch.long)
+        return PanopticPixels(winner, winner.bool(), none, none, none)
+    winner, in_mask, own_area = _panoptic_pixels(scores, mask_logits, mask_threshold)
+    # One count of (winner, in its mask) pairs gives both the won and the segment areas; a
+    # scatter, as ``bincount`` on a GPU reads its input's maximum back to the host.
+    pairs = (winner + num_kept * in_mask).flatten()
+    counts = torch.zeros(2 * num_kept, dtype=torch.long, device=pairs.device)
+    counts.scatter_add_(0, pairs, torch.ones_like(pairs))
+    won_area, segment_area = counts[:num_kept] + counts[num_kept:], counts[num_kept:]
+    return PanopticPixels(winner, in_mask, won_area, own_area, segment_area)
+
+
+def panoptic_prediction(
+    scores: Tensor, labels: Tensor, pixels: PanopticPixels, is_thing: Tensor, overlap_threshold: float = 0.8
+) -> PanopticPrediction:
+    """Rule 3's filter and rule 4's ids over ``panoptic_pixels``' result, decided on the host
+    (a handful of queries, and ids depend on earlier decisions): the segments and the id map.
+    ``scores [K]``, ``labels [K]``, ``is_thing [C]``; the map is on ``pixels``' device."""
+    panoptic_seg = torch.zeros(pixels.winner.shape, dtype=torch.int32, device=pixels.winner.device)
+    if len(scores) == 0:
+        return PanopticPrediction(panoptic_seg, [])
     segments: list[Segment] = []
     stuff_segments: dict[int, Segment] = {}
-    segment_of_query = [0] * num_kept
+    segment_of_query = [0] * len(scores)
     thing_flags = is_thing.tolist()
-    stats = torch.stack([won_area, own_area, segment_area]).tolist()
+    stats = torch.stack([pixels.won_area, pixels.own_area, pixels.segment_area]).tolist()
     for k, (label, score, won, own, area) in enumerate(zip(labels.tolist(), scores.tolist(), *stats)):
         if won == 0 or own == 0 or area == 0 or won / own < overlap_threshold:
             continue
@@ -214,8 +249,8 @@ def panoptic_segments(
         segment["area"] += area
         segment_of_query[k] = segment["id"]
 
-    segment_ids = torch.tensor(segment_of_query, dtype=torch.int32, device=device)
-    panoptic_seg = torch.where(in_mask, segment_ids[winner], panoptic_seg)
+    segment_ids = torch.tensor(segment_of_query, dtype=torch.int32, device=panoptic_seg.device)
+    panoptic_seg = torch.where(pixels.in_mask, segment_ids[pixels.winner], panoptic_seg)
     return PanopticPrediction(panoptic_seg, segments)
 
 
@@ -314,17 +349,39 @@ def instance_masks(
     queries they use, candidate ``n`` reading row ``inverse[n]``. Each query's mask, mean mask
     probability and box are computed once, however many candidates share it.
     """
+    return instance_prediction(class_scores, labels, inverse, instance_query_masks(mask_logits, mask_threshold))
+
+
+class QueryMasks(NamedTuple):
+    """Per distinct query: ``masks [U,H,W]`` bool, mean mask probability inside the mask
+    ``mask_scores [U]`` (0 for an empty mask) and ``boxes [U,4]``."""
+
+    masks: Tensor
+    mask_scores: Tensor
+    boxes: Tensor
+
+
+def instance_query_masks(mask_logits: Tensor, mask_threshold: float = 0.5) -> QueryMasks:
+    """The per-pixel part of ``instance_masks`` for ``mask_logits [U,H,W]``, on their device and
+    with no host sync."""
     # Thresholding logits, not probabilities, keeps tiny positive logits (whose float32
     # sigmoid rounds to exactly 0.5) inside the mask, as detectron2's ``logits > 0`` does.
     masks = mask_logits > math.log(mask_threshold / (1.0 - mask_threshold))
     inside = masks.flatten(1)
     mask_scores = (mask_logits.sigmoid().flatten(1) * inside).sum(1) / (inside.sum(1) + _EMPTY_MASK_EPS)
-    scores = class_scores * mask_scores[inverse]
+    return QueryMasks(masks, mask_scores, mask_boxes(masks))
 
+
+def instance_prediction(
+    class_scores: Tensor, labels: Tensor, inverse: Tensor, queries: QueryMasks
+) -> InstancePrediction:
+    """Candidates ``class_scores [N]``, ``labels [N]`` reading ``queries`` row ``inverse[n]``:
+    scored (class probability x mean mask probability) and sorted by descending score."""
+    scores = class_scores * queries.mask_scores[inverse]
     order = scores.argsort(descending=True, stable=True)
     rows = inverse[order]
     return InstancePrediction(
-        masks=masks[rows], labels=labels[order], scores=scores[order], boxes=mask_boxes(masks)[rows]
+        masks=queries.masks[rows], labels=labels[order], scores=scores[order], boxes=queries.boxes[rows]
     )
 
 

@@ -92,7 +92,8 @@ def _reference_instances(class_logits: Tensor, logits: Tensor) -> tuple[Tensor, 
 
 def _postprocess(class_logits: Tensor, mask_logits: Tensor, sizes: ImageSizes, task: str, threshold: float | None):
     outputs = Mask2FormerOutput(class_logits=class_logits[None], mask_logits=mask_logits[None])
-    return ARCHITECTURE.postprocess(CONFIG, outputs, 0, sizes, task, threshold, IS_THING)
+    (prediction,) = ARCHITECTURE.postprocess(CONFIG, outputs, [sizes], task, threshold, IS_THING)
+    return prediction
 
 
 def _random_logits(seed: int, queries: int, logit_size: tuple[int, int], confident: int) -> tuple[Tensor, Tensor]:
