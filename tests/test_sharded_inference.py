@@ -27,7 +27,8 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     done = subprocess.run(
         [*command, "-m", "segscope.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # torchrun's closing summary names only the signal; the ranks' own messages come first.
+    assert done.returncode == 0, f"{done.stderr[:3000]}\n[...]\n{done.stderr[-1500:]}"
     return done
 
 
