@@ -4,8 +4,8 @@ Every query reads a few bilinearly interpolated points per head and per feature 
 returns their attention-weighted sum. ``multi_scale_deformable_attention`` is the one place
 the sampling op lives; it dispatches by device (``_implementation_for``): CPU tensors take
 ``deformable_attention_gather`` (one weighted gather-sum of bilinear corner rows), CUDA tensors
-the fused Triton kernels (``triton_ms_deform_attn``), everything else and every graph being
-exported the portable ``deformable_attention_grid_sample`` (runs anywhere ``F.grid_sample``
+the fused Triton kernels (``triton_ms_deform_attn``, compiled graphs included), everything else
+and every graph being exported the portable ``deformable_attention_grid_sample`` (runs anywhere ``F.grid_sample``
 does, any float dtype). ``MultiScaleDeformableAttention`` is the layer that predicts where to sample.
 """
 
@@ -66,20 +66,21 @@ SamplingOp = Callable[[Tensor, Sequence[tuple[int, int]], Tensor, Tensor], Tenso
 def _implementation_for(value: Tensor) -> SamplingOp:
     """The one dispatch point: the fastest path for ``value``'s device.
 
-    Graphs being traced (ONNX, TorchScript, ``torch.export``, ``torch.compile``) take the portable
-    path, whose ``grid_sample`` every tracer knows (ONNX ``GridSample``); CUDA tensors the fused
-    Triton kernels when Triton is installed; CPU tensors the gather path.
+    Exported or traced graphs (ONNX, TorchScript, ``torch.export``) take the portable path, whose
+    ``grid_sample`` every exporter knows (ONNX ``GridSample``). CUDA tensors take the fused Triton
+    kernels when Triton is installed, in ``torch.compile``d graphs too (a custom op, opaque to the
+    compiler); CPU tensors the gather path, except while compiling (its sizes depend on the data).
     """
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
-        # is_compiling covers torch.export too; the gather path's sizes depend on the data.
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
         return deformable_attention_grid_sample
-    if value.device.type == "cpu":
-        return deformable_attention_gather
     if value.is_cuda:
         from segscope.models.ops.triton_ms_deform_attn import triton_available
 
         if triton_available(value):
             return _triton_sampling
+        return deformable_attention_grid_sample
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        return deformable_attention_gather
     return deformable_attention_grid_sample
 
 

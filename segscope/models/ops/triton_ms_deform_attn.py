@@ -45,6 +45,10 @@ pixel, as ``F.grid_sample`` does. Locations are clamped to just outside the map 
 integer conversion so that far-away or huge locations cannot overflow; such points read
 zeros and get zero gradients either way.
 
+The kernels are registered as the custom ops ``segscope::deformable_attention`` and its
+``_backward`` (shape-only fake implementations, autograd between them), so ``torch.compile``
+keeps them in its graphs as opaque calls rather than falling back to ``grid_sample``.
+
 To run the kernels on CPU tensors with Triton's interpreter (slow; for tests), set
 ``TRITON_INTERPRET=1`` before triton is first imported in the process: ``@triton.jit`` reads
 it when it decorates, both here and in ``triton.language``'s own helpers (``tl.zeros``), so
@@ -55,6 +59,7 @@ still imports and ``triton_available`` is False.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -279,82 +284,92 @@ def _blocks(head_dim: int) -> tuple[int, int]:
     return block_q, block_d
 
 
-class _TritonDeformableAttention(torch.autograd.Function):
-    """Autograd wrapper around the two kernels; inputs must already be contiguous."""
+def _launch(kernel: Any, inputs: tuple[Tensor, ...], *buffers: Tensor) -> None:
+    """Run ``kernel`` on ``inputs`` (value, spatial shapes, level starts, locations, weights) and
+    the output ``buffers`` it writes, one program per (query block, batch * head)."""
+    value, sampling_locations = inputs[0], inputs[3]
+    batch, num_values, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    block_q, block_d = _blocks(head_dim)
+    grid = (triton.cdiv(num_queries, block_q), batch * num_heads)
+    kernel[grid](
+        *inputs,
+        *buffers,
+        num_queries,
+        num_values,
+        num_heads,
+        head_dim,
+        num_levels,
+        num_points,
+        BLOCK_Q=block_q,
+        BLOCK_D=block_d,
+    )
 
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        value: Tensor,
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-        sampling_locations: Tensor,
-        attention_weights: Tensor,
-    ) -> Tensor:
-        batch, num_values, num_heads, head_dim = value.shape
-        _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-        output = value.new_empty(batch, num_queries, num_heads, head_dim)
-        block_q, block_d = _blocks(head_dim)
-        grid = (triton.cdiv(num_queries, block_q), batch * num_heads)
-        _forward_kernel[grid](
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            output,
-            num_queries,
-            num_values,
-            num_heads,
-            head_dim,
-            num_levels,
-            num_points,
-            BLOCK_Q=block_q,
-            BLOCK_D=block_d,
-        )
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return output.view(batch, num_queries, num_heads * head_dim)
 
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor
-    ) -> tuple[Tensor | None, None, None, Tensor | None, Tensor | None]:
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        batch, num_values, num_heads, head_dim = value.shape
-        _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-        grad_output = grad_output.contiguous()
-        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-        grad_locations = torch.empty_like(sampling_locations)
-        grad_weights = torch.empty_like(attention_weights)
-        block_q, block_d = _blocks(head_dim)
-        grid = (triton.cdiv(num_queries, block_q), batch * num_heads)
-        _backward_kernel[grid](
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            grad_output,
-            grad_value,
-            grad_locations,
-            grad_weights,
-            num_queries,
-            num_values,
-            num_heads,
-            head_dim,
-            num_levels,
-            num_points,
-            BLOCK_Q=block_q,
-            BLOCK_D=block_d,
-        )
-        needs = ctx.needs_input_grad
-        return (
-            grad_value.to(value.dtype) if needs[0] else None,
-            None,
-            None,
-            grad_locations if needs[3] else None,
-            grad_weights if needs[4] else None,
-        )
+# The kernels as PyTorch custom ops: eager autograd and torch.compile see one opaque op with a
+# shape-only ("fake") implementation, so a compiled model calls the fused kernels instead of
+# tracing into them or falling back to grid_sample. Inputs must already be contiguous.
+@torch.library.custom_op("segscope::deformable_attention", mutates_args=())
+def _deformable_attention_op(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    batch, _, num_heads, head_dim = value.shape
+    num_queries = sampling_locations.shape[1]
+    output = value.new_empty(batch, num_queries, num_heads, head_dim)
+    _launch(_forward_kernel, (value, spatial_shapes, level_start_index, sampling_locations, attention_weights), output)
+    return output.view(batch, num_queries, num_heads * head_dim)
+
+
+@_deformable_attention_op.register_fake
+def _(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+      attention_weights: Tensor) -> Tensor:
+    batch, _, num_heads, head_dim = value.shape
+    return value.new_empty(batch, sampling_locations.shape[1], num_heads * head_dim)
+
+
+@torch.library.custom_op("segscope::deformable_attention_backward", mutates_args=())
+def _deformable_attention_backward_op(
+    grad_output: Tensor,
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+    grad_locations = torch.empty_like(sampling_locations)
+    grad_weights = torch.empty_like(attention_weights)
+    inputs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _launch(_backward_kernel, inputs, grad_output, grad_value, grad_locations, grad_weights)
+    # Atomic adds accumulate in float32; the gradient comes back in the values' dtype.
+    return grad_value.to(value.dtype), grad_locations, grad_weights
+
+
+@_deformable_attention_backward_op.register_fake
+def _(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+      sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _save_inputs(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(
+    ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor
+) -> tuple[Tensor, None, None, Tensor, Tensor]:
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = _deformable_attention_backward_op(
+        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    return grad_value, None, None, grad_locations, grad_weights
+
+
+_deformable_attention_op.register_autograd(_backward, setup_context=_save_inputs)
 
 
 def triton_deformable_attention(
@@ -393,13 +408,14 @@ def triton_deformable_attention(
             f"{tuple(attention_weights.shape)} do not agree with value {tuple(value.shape)}"
         )
 
-    # Shapes given on the host are checked against value; device tensors are not (that would sync).
-    host_shapes = not isinstance(spatial_shapes, Tensor) or spatial_shapes.device.type == "cpu"
+    # Shapes on the host are checked against value, in Python ints; device tensors are not (reading
+    # them would sync), nor tensors in a graph being compiled (reading one would break the graph).
+    pairs = _host_pairs(spatial_shapes)
     spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.int64).reshape(-1, 2)
     if spatial_shapes.shape[0] != num_levels:
         raise ValueError(f"spatial_shapes has {spatial_shapes.shape[0]} levels, sampling_locations {num_levels}")
-    if host_shapes and int(spatial_shapes.prod(dim=1).sum()) != num_values:
-        raise ValueError(f"spatial_shapes {spatial_shapes.tolist()} do not add up to {num_values} value positions")
+    if pairs is not None and sum(height * width for height, width in pairs) != num_values:
+        raise ValueError(f"spatial_shapes {pairs} do not add up to {num_values} value positions")
     if level_start_index is not None and level_start_index.numel() != num_levels:
         raise ValueError(f"level_start_index has {level_start_index.numel()} entries for {num_levels} levels")
     if not triton_available(value):
@@ -413,10 +429,19 @@ def triton_deformable_attention(
         level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
     level_start_index = level_start_index.to(device=value.device, dtype=torch.int64).reshape(-1).contiguous()
 
-    return _TritonDeformableAttention.apply(
+    return _deformable_attention_op(
         value.contiguous(),
         spatial_shapes,
         level_start_index,
         sampling_locations.contiguous(),
         attention_weights.contiguous(),
     )
+
+
+def _host_pairs(spatial_shapes: Tensor | Sequence[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """``spatial_shapes`` as ``(H, W)`` ints when they can be read without a sync or graph break."""
+    if not isinstance(spatial_shapes, Tensor):
+        return [(int(height), int(width)) for height, width in spatial_shapes]
+    if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
+        return [(height, width) for height, width in spatial_shapes.reshape(-1, 2).tolist()]
+    return None

@@ -126,6 +126,15 @@ def test_cpu_values_take_the_gather_path_and_other_devices_the_reference() -> No
     assert _implementation_for(torch.empty(1, device="meta")) is deformable_attention_grid_sample
 
 
+@pytest.mark.parametrize("mode", ["is_compiling", "is_exporting"])
+def test_cpu_graphs_being_compiled_or_exported_take_the_portable_path(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gather path's sizes depend on the data, which neither compiler nor exporter can follow."""
+    monkeypatch.setattr(torch.compiler, mode, lambda: True)
+    assert _implementation_for(torch.empty(1)) is deformable_attention_grid_sample
+
+
 def test_graphs_being_traced_take_the_portable_path() -> None:
     """Exporters know ``grid_sample`` (ONNX GridSample), not the gather path's data-dependent sizes."""
     chosen = []

@@ -104,6 +104,43 @@ def _compare(
     }
 
 
+def _custom_op_checks(module: ModuleType) -> dict[str, dict[str, str]]:
+    """``torch.library.opcheck`` of the forward and backward custom ops (schema, fake tensors, autograd)."""
+    value, locations, weights = _inputs()
+    shapes, starts = torch.tensor(SHAPES), torch.tensor([0, 15, 23])
+    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
+    leaves = [tensor.clone().requires_grad_() for tensor in (value, locations, weights)]
+    return {
+        "forward": torch.library.opcheck(
+            torch.ops.segscope.deformable_attention.default, (leaves[0], shapes, starts, leaves[1], leaves[2])
+        ),
+        "backward": torch.library.opcheck(
+            torch.ops.segscope.deformable_attention_backward.default,
+            (grad_output, value, shapes, starts, locations, weights),
+        ),
+    }
+
+
+def _compiled_against_eager(module: ModuleType) -> dict[str, float | int]:
+    """``torch.compile(fullgraph=True)`` of a function calling the kernels: graphs compiled and its
+    output and gradients' largest difference from eager (the op is opaque, so none)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def run(value: torch.Tensor, locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return module.triton_deformable_attention(value, SHAPES, None, locations, weights) * 2
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(run, backend=counter, fullgraph=True)
+    results = []
+    for function in (compiled, run):
+        leaves = [tensor.requires_grad_() for tensor in _inputs()]
+        output = function(*leaves)
+        output.sum().backward()
+        results.append([output, *(leaf.grad for leaf in leaves)])
+    differences = [(a - b).abs().max().item() for a, b in zip(*results)]
+    return {"graphs": counter.frame_count, "output": differences[0], "gradients": max(differences[1:])}
+
+
 def _measure_interpreted() -> dict[str, Any]:
     """Every interpreted case; run only in the child process with ``TRITON_INTERPRET=1``."""
     module = importlib.import_module(MODULE_NAME)
@@ -125,6 +162,8 @@ def _measure_interpreted() -> dict[str, Any]:
         partial_value.double(), SHAPES, None, partial_locations.double(), partial_weights.double()
     )
     return {
+        "opcheck": _custom_op_checks(module),
+        "compiled": _compiled_against_eager(module),
         "interpreted": module._INTERPRETED,
         "available_on_cpu": module.triton_available(torch.zeros(1)),
         "float32_dim3": _compare(module, *_inputs(dim=3)),
@@ -184,6 +223,18 @@ def test_explicit_level_start_index_and_gradient_for_value_only(interpreted: dic
     measured = interpreted["explicit_starts_value_grad_only"]
     assert measured["error"] <= 1e-5
     assert measured["value_grad_shape"] == [2, sum(h * w for h, w in SHAPES), 2, 3]
+
+
+def test_custom_ops_pass_opcheck(interpreted: dict[str, Any]) -> None:
+    """Schema, fake (shape-only) implementations and autograd registration, as torch.compile needs them."""
+    for op, results in interpreted["opcheck"].items():
+        assert results and set(results.values()) == {"SUCCESS"}, (op, results)
+
+
+def test_compiled_graph_keeps_the_kernels_in_one_graph_and_matches_eager(interpreted: dict[str, Any]) -> None:
+    compiled = interpreted["compiled"]
+    assert compiled["graphs"] == 1  # fullgraph=True: no break around the op or its shape checks
+    assert compiled["output"] == 0.0 and compiled["gradients"] == 0.0
 
 
 def test_rejects_shapes_that_do_not_match_value() -> None:
