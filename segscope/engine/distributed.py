@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ def setup(device: str | None = None) -> DistributedContext:
     if use_cuda:
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
+        # torch._dynamo (imported by torchvision and the models) holds on, from C++, to every
+        # process group that exists when it is first imported: such a group outlives
+        # destroy_process_group and is torn down during interpreter exit, where Gloo's threads
+        # abort the process ("terminate called without an active exception"). Imported first,
+        # it holds none.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistributedContext(rank, world_size, local_rank, chosen)
 
