@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -102,19 +103,33 @@ def stage_times(reference: Mask2FormerForUniversalSegmentation, ours: torch.nn.M
 def pipeline_times(reference: Mask2FormerForUniversalSegmentation, directory: str, picture: np.ndarray,
                    repeats: int) -> dict[str, float]:
     """End-to-end panoptic segmentation of ``picture`` by each library's own pipeline."""
-    run_hf = _hf_pipeline(reference)
+    run_hf = hf_pipeline(reference)
     ours = segscope.pipeline("image-segmentation", model=directory, task="panoptic", device="cpu")
-    return median_seconds({"hf": lambda: run_hf(picture), "segscope": lambda: ours(picture)}, repeats)
+    return median_seconds({"hf": lambda: run_hf([picture]), "segscope": lambda: ours(picture)}, repeats)
 
 
-def _hf_pipeline(reference: Mask2FormerForUniversalSegmentation) -> Callable[[np.ndarray], Any]:
-    processor = Mask2FormerImageProcessor()  # short side 800, long side at most 1333, as segscope's default
+def hf_pipeline(
+    reference: Mask2FormerForUniversalSegmentation,
+    processor: Mask2FormerImageProcessor | None = None,
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype = torch.float32,
+) -> Callable[[list[np.ndarray]], Any]:
+    """HF end to end on a list of pictures: image processor (by default short side 800, long side at
+    most 1333, as segscope's default), model on ``device`` (under autocast unless ``dtype`` is
+    float32) and ``post_process_panoptic_segmentation`` to each picture's size."""
+    processor = processor or Mask2FormerImageProcessor()
+    precision = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
-    def run(picture: np.ndarray) -> Any:
+    def run(pictures: list[np.ndarray]) -> Any:
         with torch.inference_mode():
-            inputs = processor(images=Image.fromarray(picture), return_tensors="pt")
-            outputs = reference(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
-            return processor.post_process_panoptic_segmentation(outputs, target_sizes=[picture.shape[:2]])
+            inputs = processor(images=[Image.fromarray(picture) for picture in pictures], return_tensors="pt")
+            with precision:
+                outputs = reference(
+                    pixel_values=inputs["pixel_values"].to(device), pixel_mask=inputs["pixel_mask"].to(device)
+                )
+            return processor.post_process_panoptic_segmentation(
+                outputs, target_sizes=[picture.shape[:2] for picture in pictures]
+            )
 
     return run
 
@@ -131,7 +146,10 @@ def _memory_child(side: str, directory: str, size: tuple[int, int]) -> None:
     """Load one side's model, reset the high-water mark, run its pipeline once, print the peak (MiB)."""
     picture = photo(*size)
     if side == "hf":
-        run = _hf_pipeline(Mask2FormerForUniversalSegmentation.from_pretrained(directory).eval())
+        run_hf = hf_pipeline(Mask2FormerForUniversalSegmentation.from_pretrained(directory).eval())
+
+        def run(picture: np.ndarray) -> Any:
+            return run_hf([picture])
     else:
         pipe = segscope.pipeline("image-segmentation", model=directory, task="panoptic", device="cpu")
 

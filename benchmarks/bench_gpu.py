@@ -46,7 +46,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import (
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
@@ -62,7 +61,7 @@ from segscope.models.ops.ms_deform_attn import deformable_attention_grid_sample
 from segscope.models.ops.triton_ms_deform_attn import triton_available, triton_deformable_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import NUM_CLASSES, STAGES, build_reference, photo  # noqa: E402  (sibling scripts)
+from bench_cpu import NUM_CLASSES, STAGES, build_reference, hf_pipeline, photo  # noqa: E402  (sibling scripts)
 from bench_ms_deform_attn import SHAPES_800x1216, make_inputs  # noqa: E402
 from bench_postprocess import median_seconds  # noqa: E402
 
@@ -248,21 +247,6 @@ def benchmark_forward(reference: Mask2FormerForUniversalSegmentation, ours: torc
 # ---------------------------------------------------------------------------- pipeline
 
 
-def hf_batch_pipeline(reference: Mask2FormerForUniversalSegmentation, processor: Mask2FormerImageProcessor,
-                      device: torch.device, dtype: torch.dtype) -> Callable[[list[np.ndarray]], Any]:
-    """HF end to end on a batch (``bench_cpu``'s HF pipeline, batched, on ``device``, in ``dtype``)."""
-
-    def run(pictures: list[np.ndarray]) -> Any:
-        with torch.inference_mode():
-            inputs = processor(images=[Image.fromarray(p) for p in pictures], return_tensors="pt")
-            with autocast(device, dtype):
-                outputs = reference(pixel_values=inputs["pixel_values"].to(device),
-                                    pixel_mask=inputs["pixel_mask"].to(device))
-            return processor.post_process_panoptic_segmentation(outputs, target_sizes=[p.shape[:2] for p in pictures])
-
-    return run
-
-
 def benchmark_pipeline(reference: Mask2FormerForUniversalSegmentation, directory: str, batch: int, repeats: int,
                        device: torch.device, resize: tuple[int, int] | None) -> dict[str, Any]:
     """Images/s of both pipelines on ``batch`` photos; ``resize`` (short, long side) overrides 800/1333."""
@@ -279,7 +263,7 @@ def benchmark_pipeline(reference: Mask2FormerForUniversalSegmentation, directory
     if len(ours(pictures)) != batch:
         raise RuntimeError("segscope's pipeline did not return one result per photo")
     runs: dict[str, Run] = {
-        f"hf {name}": partial(hf_batch_pipeline(reference, processor, device, dtype), pictures)
+        f"hf {name}": partial(hf_pipeline(reference, processor, device, dtype), pictures)
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
     }
     runs["segscope bfloat16"] = partial(ours, pictures)
