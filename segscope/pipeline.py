@@ -368,10 +368,14 @@ class SegmentationPipeline:
     def _semantic_result(self, image: np.ndarray, prediction: SemanticPrediction) -> SegmentationResult:
         """Per-pixel labels; a class's score is its mean confidence (share of the pixel score) where it wins."""
         confidence, seg = prediction.confidence, prediction.labels
-        present = torch.unique(seg)
+        # One pass over the pixels for every class's area and summed confidence, not one per class.
+        pixels = seg.flatten()
+        areas = torch.bincount(pixels, minlength=len(self.categories.categories))
+        summed = torch.bincount(pixels, weights=confidence.flatten().double(), minlength=len(areas))
+        present = areas.nonzero()[:, 0]
         label_ids = present.cpu().numpy()
         masks = (seg[None] == present[:, None, None]).cpu().numpy()
-        class_scores = np.array([float(confidence[seg == c].mean()) for c in present], dtype=np.float32)
+        class_scores = (summed[present] / areas[present]).float().cpu().numpy()
         return SegmentationResult(
             task="semantic",
             image=image,

@@ -129,3 +129,16 @@ def test_non_finite_outputs_are_an_error_not_masks(tiny_checkpoint: Path) -> Non
     for task in ("panoptic", "semantic"):
         with pytest.raises(ModelOutputError, match="NaN or infinite values in class_logits"):
             SegmentationPipeline(loaded, task=task, device="cpu")(image)
+
+
+def test_semantic_class_score_is_its_mean_confidence_where_it_wins(tiny_checkpoint: Path) -> None:
+    from segscope.predictions import SemanticPrediction
+
+    segment = segscope.pipeline(model=tiny_checkpoint, task="semantic", device="cpu")
+    labels = torch.tensor([[1, 1, 0], [2, 1, 0]])
+    confidence = torch.tensor([[0.2, 0.4, 0.9], [0.5, 0.6, 0.7]])
+    result = segment._semantic_result(np.zeros((2, 3, 3), np.uint8), SemanticPrediction(labels, confidence))
+    assert len(segment.categories.categories) > 3  # class 3 is absent
+    assert result.label_ids.tolist() == [0, 1, 2]  # present classes only, ascending
+    np.testing.assert_allclose(result["scores"], [0.8, 0.4, 0.5], rtol=1e-6)
+    assert result["masks"].sum(axis=(1, 2)).tolist() == [2, 3, 1]
