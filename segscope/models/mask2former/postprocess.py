@@ -211,7 +211,7 @@ def panoptic_pixels(scores: Tensor, mask_logits: Tensor, mask_threshold: float =
         none = mask_logits.new_zeros(0, dtype=torch.long)
         winner = mask_logits.new_zeros((height, width), dtype=torch.long)
         return PanopticPixels(winner, winner.bool(), none, none, none)
-    winner, in_mask, own_area = _panoptic_pixels(scores, mask_logits, mask_threshold)
+    winner, in_mask, own_area = _winning_queries(scores, mask_logits, mask_threshold)
     # One count of (winner, in its mask) pairs gives both the won and the segment areas; a
     # scatter, as ``bincount`` on a GPU reads its input's maximum back to the host.
     pairs = (winner + num_kept * in_mask).flatten()
@@ -254,13 +254,13 @@ def panoptic_prediction(
     return PanopticPrediction(panoptic_seg, segments)
 
 
-# Pixels per step of ``_panoptic_pixels``: K rows of this many floats stay in the CPU's cache,
+# Pixels per step of ``_winning_queries``: K rows of this many floats stay in the CPU's cache,
 # and there are few enough steps (8 for 800 x 1216) that a loaded machine, where every
 # parallel op waits for its slowest thread, does not pay a stall on hundreds of small ops.
 _PIXEL_CHUNK = 131072
 
 
-def _panoptic_pixels(scores: Tensor, mask_logits: Tensor, mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+def _winning_queries(scores: Tensor, mask_logits: Tensor, mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
     """Rules 2-3 per pixel for ``scores [K]``, ``mask_logits [K,H,W]`` (K >= 1): the winning query
     ``[H,W]`` int64 (argmax of score x mask probability, first on ties), whether the pixel is in
     the winner's mask ``[H,W]`` bool, and each query's own-mask area ``[K]`` int64.

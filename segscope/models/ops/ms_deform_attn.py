@@ -5,8 +5,9 @@ returns their attention-weighted sum. ``multi_scale_deformable_attention`` is th
 the sampling op lives; it dispatches by device (``_implementation_for``): CPU tensors take
 ``deformable_attention_gather`` (one weighted gather-sum of bilinear corner rows), CUDA tensors
 the fused Triton kernels (``triton_ms_deform_attn``, compiled graphs included), everything else
-and every graph being exported the portable ``deformable_attention_grid_sample`` (runs anywhere ``F.grid_sample``
-does, any float dtype). ``MultiScaleDeformableAttention`` is the layer that predicts where to sample.
+and every graph being exported the portable ``deformable_attention_grid_sample`` (runs anywhere
+``F.grid_sample`` does, any float dtype). ``MultiScaleDeformableAttention`` is the layer that
+predicts where to sample.
 """
 
 from __future__ import annotations
@@ -76,9 +77,7 @@ def _implementation_for(value: Tensor) -> SamplingOp:
     if value.is_cuda:
         from segscope.models.ops.triton_ms_deform_attn import triton_available
 
-        if triton_available(value):
-            return _triton_sampling
-        return deformable_attention_grid_sample
+        return _triton_sampling if triton_available(value) else deformable_attention_grid_sample
     if value.device.type == "cpu" and not torch.compiler.is_compiling():
         return deformable_attention_gather
     return deformable_attention_grid_sample
