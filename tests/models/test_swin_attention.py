@@ -33,6 +33,11 @@ def _reference_forward(self: WindowAttention, windows: Tensor, mask: Tensor | No
     return self.proj(out)
 
 
+def _images(batch: int, height: int, width: int) -> Tensor:
+    """``[batch,3,height,width]`` random images from their own seeded generator."""
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
+
+
 def _model(window_size: int = 7) -> Swin:
     torch.manual_seed(0)
     cfg = SwinConfig(
@@ -52,7 +57,7 @@ def test_swin_matches_the_original_attention(
     window_size: int, size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = _model(window_size)
-    images = torch.randn(3, 3, *size)
+    images = _images(3, *size)
     with torch.no_grad():
         features = model(images)
         monkeypatch.setattr(WindowAttention, "forward", _reference_forward)
@@ -64,7 +69,7 @@ def test_swin_matches_the_original_attention(
 @pytest.mark.parametrize("size", SIZES)
 def test_swin_images_do_not_depend_on_the_rest_of_the_batch(size: tuple[int, int]) -> None:
     model = _model()
-    images = torch.randn(3, 3, *size)
+    images = _images(3, *size)
     with torch.no_grad():
         batched = model(images)
         alone = model(images[1:2])
@@ -84,7 +89,7 @@ def test_swin_attention_masks_broadcast_over_the_batch(monkeypatch: pytest.Monke
     monkeypatch.setattr(swin.F, "scaled_dot_product_attention", recording_sdpa)
     model = _model()
     with torch.no_grad():
-        model(torch.randn(4, 3, 97, 130))
+        model(_images(4, 97, 130))
     assert len(shapes) == 10
     for q_shape, mask_shape in shapes:
         assert mask_shape == (1, q_shape[1], q_shape[2], q_shape[2])
@@ -92,7 +97,7 @@ def test_swin_attention_masks_broadcast_over_the_batch(monkeypatch: pytest.Monke
 
 def test_swin_gradients_match_the_original_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model().train()
-    images = torch.randn(2, 3, 97, 130)
+    images = _images(2, 97, 130)
 
     def table_grads() -> list[Tensor]:
         model.zero_grad()
@@ -109,7 +114,7 @@ def test_swin_gradients_match_the_original_attention(monkeypatch: pytest.MonkeyP
 
 def test_swin_runs_under_bf16_autocast() -> None:
     model = _model()
-    images = torch.randn(2, 3, 97, 130)
+    images = _images(2, 97, 130)
     with torch.no_grad():
         full = model(images)
         with torch.autocast("cpu", dtype=torch.bfloat16):
