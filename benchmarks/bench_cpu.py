@@ -49,7 +49,7 @@ from transformers import (
 import segscope
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_postprocess import Case, median_seconds, time_postprocess  # noqa: E402  (a sibling script)
+from bench_postprocess import LOGITS, Case, median_seconds, time_postprocess  # noqa: E402  (a sibling script)
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 NUM_CLASSES = 133
@@ -181,9 +181,9 @@ def benchmark(backbone: str, size: tuple[int, int], repeats: int) -> dict[str, A
             logits_diff = (ours(images).mask_logits - reference(pixel_values=images).masks_queries_logits).abs().max()
             stages = stage_times(reference, ours, images, repeats)
         # Random weights keep no query above the panoptic threshold: post-processing is timed on
-        # logits with ten confident queries instead (bench_postprocess.py), at this size.
+        # bench_postprocess.py's logits instead (white noise and a scene), at this size.
         case = Case(f"{size[0]}x{size[1]}", (size[0] // 4, size[1] // 4), size, size, size)
-        post = time_postprocess(case, repeats=repeats)
+        post = {kind: time_postprocess(case, repeats=repeats, logits=kind) for kind in LOGITS}
         pipeline = pipeline_times(reference, directory, photo(*size), repeats)
         memory = {side: peak_memory(side, backbone, directory, size) for side in ("hf", "segscope")}
     return {
@@ -192,7 +192,11 @@ def benchmark(backbone: str, size: tuple[int, int], repeats: int) -> dict[str, A
         "max_abs_mask_logit_diff": float(logits_diff),
         "seconds": {
             **stages,
-            **{f"post-processing {task}": {side: t[side] for side in ("hf", "segscope")} for task, t in post.items()},
+            **{
+                f"post-processing {task} ({kind})": {side: t[side] for side in ("hf", "segscope")}
+                for kind, tasks in post.items()
+                for task, t in tasks.items()
+            },
             "pipeline": pipeline,
         },
         "peak_memory_mib": memory,
@@ -205,11 +209,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
         height, width = result["size"]
         diff = result["max_abs_mask_logit_diff"]
         print(f"\n{result['backbone']} {height}x{width} (max |mask logit diff| {diff:.1e})")
-        print(f"{'':<28}{'HF (s)':>10}{'segscope (s)':>14}{'segscope/HF':>13}")
+        print(f"{'':<36}{'HF (s)':>10}{'segscope (s)':>14}{'segscope/HF':>13}")
         for name, pair in result["seconds"].items():
-            print(f"{name:<28}{pair['hf']:>10.3f}{pair['segscope']:>14.3f}{pair['segscope'] / pair['hf']:>13.2f}")
+            print(f"{name:<36}{pair['hf']:>10.3f}{pair['segscope']:>14.3f}{pair['segscope'] / pair['hf']:>13.2f}")
         memory = result["peak_memory_mib"]
-        print(f"{'pipeline peak RSS (MiB)':<28}{memory['hf']['peak_mib']:>10.0f}{memory['segscope']['peak_mib']:>14.0f}"
+        print(f"{'pipeline peak RSS (MiB)':<36}{memory['hf']['peak_mib']:>10.0f}{memory['segscope']['peak_mib']:>14.0f}"
               f"{memory['segscope']['peak_mib'] / memory['hf']['peak_mib']:>13.2f}")
 
 

@@ -1,8 +1,11 @@
 """Mask2Former post-processing: HF transformers' ``post_process_*`` vs segscope's architecture.
 
-Both sides read the same random logits of one image: ``class_logits [Q,C+1]`` (a few queries
-made confident, as a trained model's are) and ``mask_logits [Q,h,w]`` at stride 4 of the
-padded input, and bring their result to the original size. HF is called with ``target_sizes``
+Both sides read the same logits of one image, ``class_logits [Q,C+1]`` and ``mask_logits [Q,h,w]``
+at stride 4 of the padded input, and bring their result to the original size. Two kinds of
+logits: ``noise`` (white-noise masks, ten queries confident of a class: the worst case for
+segscope's semantic tiles, whose every tile may hold every class) and ``scene`` (a trained
+model's kind: twenty queries each confident of one class and sure of one smooth region, the
+rest "no object"). HF is called with ``target_sizes``
 (it resizes mask logits to 384 x 384 first, then its results to the target size); segscope
 with ``get_architecture("mask2former").postprocess`` (detectron2's rules). The table reports
 median seconds after a warm-up and the ratio segscope / HF (below 1: segscope is faster).
@@ -10,7 +13,7 @@ Semantic: HF scores the classes on 384 x 384 masks and resizes the ``[C,H,W]`` s
 follows detectron2 (resize the ``[Q,h,w]`` mask logits, then score every pixel of the original
 size), so it does ``Q x C`` multiply-adds per original pixel, and returns labels and confidence.
 
-    python benchmarks/bench_postprocess.py --repeats 5 [--json results.json]
+    python benchmarks/bench_postprocess.py --repeats 5 [--logits noise scene] [--json results.json]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from segscope.models.mask2former.model import Mask2FormerOutput
 from segscope.predictions import ImageSizes
@@ -63,6 +67,32 @@ def random_logits(
     return class_logits, mask_logits
 
 
+def scene_logits(
+    num_queries: int, num_classes: int, logit_size: tuple[int, int], regions: int = 20, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits shaped like a trained model's: the image split into ``regions`` (nearest of random
+    centres), each the mask of one query confident of one class (logit +6 inside, -6 outside,
+    edges softened over a few pixels; at most one region per query); the other queries say "no
+    object" and cover nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = logit_size
+    regions = min(regions, num_queries)
+    centres = torch.rand(regions, 2, generator=generator) * torch.tensor([height, width])
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    region = ((ys - centres[:, :1, None]) ** 2 + (xs - centres[:, 1:, None]) ** 2).argmin(0)  # [h,w]
+    mask_logits = torch.full((num_queries, height, width), -6.0)
+    mask_logits[:regions] = torch.where(region == torch.arange(regions)[:, None, None], 6.0, -6.0)
+    mask_logits = F.avg_pool2d(mask_logits[None], 5, stride=1, padding=2, count_include_pad=False)[0]
+    mask_logits += 0.5 * torch.randn(mask_logits.shape, generator=generator)
+    class_logits = torch.randn(num_queries, num_classes + 1, generator=generator)
+    class_logits[torch.arange(regions), torch.randint(num_classes, (regions,), generator=generator)] += 10.0
+    class_logits[regions:, num_classes] += 10.0
+    return class_logits, mask_logits
+
+
+LOGITS = {"noise": random_logits, "scene": scene_logits}
+
+
 def median_seconds(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Median wall time of each of ``runs`` over ``repeats`` calls, after one warm-up call each.
 
@@ -81,12 +111,17 @@ def median_seconds(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str
 
 
 def time_postprocess(
-    case: Case = CASES[0], num_queries: int = 100, num_classes: int = 133, repeats: int = 5, seed: int = 0
+    case: Case = CASES[0],
+    num_queries: int = 100,
+    num_classes: int = 133,
+    repeats: int = 5,
+    seed: int = 0,
+    logits: str = "noise",
 ) -> dict[str, dict[str, float]]:
     """Median seconds per task: ``{task: {"hf": s, "segscope": s, "ratio": segscope / hf}}``."""
     from transformers import Mask2FormerImageProcessor
 
-    class_logits, mask_logits = random_logits(num_queries, num_classes, case.logit_size, seed=seed)
+    class_logits, mask_logits = LOGITS[logits](num_queries, num_classes, case.logit_size, seed=seed)
     is_thing = torch.arange(num_classes) < NUM_THINGS
     stuff = set(range(NUM_THINGS, num_classes))
     processor = Mask2FormerImageProcessor()
@@ -124,18 +159,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--classes", type=int, default=133)
+    parser.add_argument("--logits", nargs="+", choices=tuple(LOGITS), default=tuple(LOGITS))
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
-    table: dict[str, dict[str, dict[str, float]]] = {}
+    table: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {args.queries} queries, {args.classes} classes")
-    print("| input | task | HF transformers (s) | segscope (s) | segscope / HF |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| input | logits | task | HF transformers (s) | segscope (s) | segscope / HF |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for case in CASES:
-        table[case.name] = time_postprocess(case, args.queries, args.classes, args.repeats)
-        for task, row in table[case.name].items():
-            print(f"| {case.name} | {task} | {row['hf']:.3f} | {row['segscope']:.3f} | {row['ratio']:.2f} |")
+        for kind in args.logits:
+            rows = time_postprocess(case, args.queries, args.classes, args.repeats, logits=kind)
+            table.setdefault(case.name, {})[kind] = rows
+            for task, row in rows.items():
+                seconds = f"{row['hf']:.3f} | {row['segscope']:.3f} | {row['ratio']:.2f}"
+                print(f"| {case.name} | {kind} | {task} | {seconds} |")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(table, file, indent=2)

@@ -77,28 +77,48 @@ def _class_probs(class_logits: Tensor) -> Tensor:
     return class_logits.softmax(-1)[:, :-1]
 
 
-# Pixels per step of ``semantic_prediction``: on the CPU the step's [Q,step] probabilities and
-# [step,C] scores stay in cache (4096 to 8192 measured fastest here) instead of the [C,H,W] map
-# (517 MB at 800 x 1216 and 133 classes); on a GPU, steps large enough to keep it busy.
-_SEMANTIC_STEP_CPU = 8192
-_SEMANTIC_STEP_GPU = 1 << 18
+# Pixels per step of ``semantic_by_steps``: on a GPU, steps large enough to keep it busy.
+_SEMANTIC_STEP = 1 << 18
+# Tile (rows, columns) of ``semantic_by_tiles``: rows of a band, columns of a tile in it. 4096
+# pixels, so a tile's [Q,4096] probabilities stay in cache (16 x 256 measured fastest of
+# 4096 to 8192 pixel tiles on COCO-like scenes: a taller or wider tile holds more classes).
+_SEMANTIC_TILE = (16, 256)
+# Pixels per product where a band of ``semantic_by_tiles`` is scored whole: its [step,C] scores
+# stay in cache (4096 to 8192 measured fastest here).
+_SEMANTIC_CPU_STEP = 8192
+# A class is dropped from a tile only when its upper bound trails the best lower bound by this
+# fraction: far more than the float rounding of the bounds' 100-term sums (~1e-5 at worst), so
+# a dropped class can never have been the best, nor tied with it.
+_PRUNE_MARGIN = 1e-4
+# Queries whose single terms bound a tile's best scores from below (``tile_candidates``).
+_BOUNDING_QUERIES = 4
 
 
 def semantic_prediction(class_logits: Tensor, mask_logits: Tensor, in_place: bool = False) -> SemanticPrediction:
     """``SemanticPrediction.from_scores(semantic_scores(...))`` without the ``[C,H,W]`` map.
 
     ``mask_logits [Q,H,W]`` at the image's size; ``in_place`` takes their sigmoid into them (for
-    a caller that owns them). Each step of pixels takes the sigmoid of its ``[Q,step]`` logits
-    while they are in cache, then one ``[step,Q] x [Q,C]`` product: pixel-major, so the best
-    class and the sum are reductions along contiguous memory (``max`` with indices along the
-    other axis costs more than the product here).
+    a caller that owns them). On the CPU ``semantic_by_tiles`` (it syncs per tile), elsewhere
+    ``semantic_by_steps`` (no syncs).
     """
     _num_classes(class_logits, mask_logits)
+    if mask_logits.device.type == "cpu":
+        return semantic_by_tiles(class_logits, mask_logits, in_place)
+    return semantic_by_steps(class_logits, mask_logits, in_place)
+
+
+def semantic_by_steps(
+    class_logits: Tensor, mask_logits: Tensor, in_place: bool = False, step: int = _SEMANTIC_STEP
+) -> SemanticPrediction:
+    """``semantic_prediction`` in steps of ``step`` pixels, every class scored at every pixel.
+
+    Each step takes the sigmoid of its ``[Q,step]`` logits, then one ``[step,Q] x [Q,C]``
+    product: pixel-major, so the best class and the sum reduce along contiguous memory.
+    """
     num_queries = mask_logits.shape[0]
     class_probs = _class_probs(class_logits).contiguous()  # [Q,C]
     height, width = mask_logits.shape[-2:]
     pixels = mask_logits.reshape(num_queries, height * width)
-    step = _SEMANTIC_STEP_CPU if mask_logits.device.type == "cpu" else _SEMANTIC_STEP_GPU
     buffer = pixels.new_empty(min(step, height * width), class_probs.shape[1])
     steps = []
     for start in range(0, height * width, step):
@@ -110,6 +130,94 @@ def semantic_prediction(class_logits: Tensor, mask_logits: Tensor, in_place: boo
         labels=torch.cat([step.labels for step in steps]).view(height, width),
         confidence=torch.cat([step.confidence for step in steps]).view(height, width),
     )
+
+
+def semantic_by_tiles(
+    class_logits: Tensor, mask_logits: Tensor, in_place: bool = False, tile: tuple[int, int] = _SEMANTIC_TILE
+) -> SemanticPrediction:
+    """``semantic_prediction`` tile by tile, scoring only the classes that can win in each tile.
+
+    A trained model's tile holds a few classes (``tile_candidates`` finds them), so its
+    ``[K,Q] x [Q,n]`` product shrinks from ``K = C`` to those. The image goes in bands of
+    ``tile[0]`` rows, cut into tiles of ``tile[1]`` columns; a band where no tile prunes half
+    the classes (white noise) is scored whole, as ``semantic_by_steps`` would. Each pixel's sum
+    over classes comes from one more row, the class probabilities summed per query. Syncs
+    once per tile.
+    """
+    num_queries, height, width = mask_logits.shape
+    class_probs = _class_probs(class_logits)  # [Q,C]
+    num_classes = class_probs.shape[1]
+    # [C+1,Q]: every class, then the sum over classes (a pixel's total score); and transposed.
+    class_rows = torch.cat([class_probs.t(), class_probs.sum(1)[None]]).contiguous()
+    class_columns = class_rows.t().contiguous()
+    sum_row = torch.tensor([num_classes], device=mask_logits.device)
+    labels = mask_logits.new_empty((height, width), dtype=torch.int64)
+    confidence = mask_logits.new_empty((height, width), dtype=torch.float32)
+    rows, cols = tile
+    band_pixels = min(rows, height) * width
+    scores_buffer = mask_logits.new_empty(min(_SEMANTIC_CPU_STEP, band_pixels), num_classes + 1)
+    probs_buffer = None if in_place else mask_logits.new_empty(num_queries * band_pixels)
+    for top in range(0, height, rows):
+        logits = mask_logits[:, top : top + rows]  # [Q,r,W]
+        if in_place:
+            probs = logits.sigmoid_()
+        else:
+            probs = torch.sigmoid(logits, out=probs_buffer[: logits.numel()].view(logits.shape))
+        lefts = range(0, width, cols)
+        candidates = [tile_candidates(class_rows[:-1], probs[:, :, left : left + cols]) for left in lefts]
+        if all(len(classes) > num_classes // 2 for classes in candidates):
+            band = probs.reshape(num_queries, -1)  # a view: each query's rows are contiguous
+            band_labels, band_confidence = labels[top : top + rows].view(-1), confidence[top : top + rows].view(-1)
+            for start in range(0, band.shape[1], _SEMANTIC_CPU_STEP):
+                step = slice(start, start + _SEMANTIC_CPU_STEP)
+                pixels = band[:, step]
+                scores = torch.mm(pixels.t(), class_columns, out=scores_buffer[: pixels.shape[1]]).t()
+                _write_best(scores, None, band_labels[step], band_confidence[step])
+            continue
+        for left, classes in zip(lefts, candidates):
+            pixels = probs[:, :, left : left + cols]
+            pruned = len(classes) <= num_classes // 2
+            # A few classes: class-major [K+1,n] (torch's CPU mm is ~8x slower with a few output
+            # columns); many: pixel-major [n,C+1], faster from about K = C/2 on (measured).
+            if pruned:
+                scores = class_rows[torch.cat([classes, sum_row])] @ pixels.reshape(num_queries, -1)
+            else:
+                scores = (pixels.reshape(num_queries, -1).t() @ class_columns).t()
+            window = (slice(top, top + rows), slice(left, left + cols))
+            _write_best(scores, classes if pruned else None, labels[window], confidence[window])
+    return SemanticPrediction(labels=labels, confidence=confidence)
+
+
+def _write_best(scores: Tensor, classes: Tensor | None, labels: Tensor, confidence: Tensor) -> None:
+    """From ``scores [K+1,n]`` (classes, then their sum) into ``labels`` and ``confidence`` views of
+    ``n`` pixels: the first best class (``classes[k]`` when given, else ``k``) and its share."""
+    best, winner = scores[:-1].max(0)
+    labels.copy_((winner if classes is None else classes[winner]).view(labels.shape))
+    confidence.copy_((best / scores[-1].clamp_min(1e-12)).view(confidence.shape))
+
+
+def tile_candidates(class_major: Tensor, probs: Tensor) -> Tensor:
+    """The classes ``[K]`` (ascending) that may be the best at some pixel of a tile.
+
+    ``class_major [C,Q]`` class probabilities, ``probs [Q,...]`` the tile's mask probabilities.
+    Every pixel's best score is at least two things: the best class's score with each mask
+    probability at its minimum over the tile, and (all terms being non-negative) any single
+    term, such as a query's mask probability there times its own top class probability. The
+    larger of the two, less ``_PRUNE_MARGIN``, is the bar a class's upper bound (each mask
+    probability at its maximum) must reach. The second bound is what holds at a boundary
+    between two segments, where each query's minimum is near 0 but at every pixel one of them
+    is near 1; it is taken over the ``_BOUNDING_QUERIES`` queries with the largest terms.
+    """
+    pixel_dims = tuple(range(1, probs.dim()))
+    highest = probs.amax(pixel_dims)  # [Q]
+    lower, upper = class_major @ probs.amin(pixel_dims), class_major @ highest  # [C]
+    # Any subset of queries gives a valid bound; the few that reach the largest terms hold it at
+    # a boundary, and taking all Q would cost another pass over the tile.
+    top_class = class_major.amax(0)  # [Q]
+    strongest = (top_class * highest).topk(min(_BOUNDING_QUERIES, len(top_class))).indices
+    top_term = (probs[strongest].flatten(1) * top_class[strongest, None]).amax(0).amin()
+    bar = torch.maximum(lower.max(), top_term) * (1 - _PRUNE_MARGIN)
+    return (upper >= bar).nonzero()[:, 0]
 
 
 def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:

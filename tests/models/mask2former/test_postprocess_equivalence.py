@@ -141,14 +141,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("logit_size, sizes, make_logits", CASES)
-def test_semantic_labels_equal_the_full_resolution_reference(logit_size, sizes, make_logits) -> None:
-    """Labels equal the reference's first best class wherever its lead is beyond float rounding; where
-    classes tie to rounding (the blobs' equal queries tie exactly in exact arithmetic), the product's
-    summation order decides, so the label must be one of the tied best classes."""
-    class_logits, mask_logits = make_logits(logit_size)
-    expected = _reference_semantic(class_logits, _reference_to_image(mask_logits, sizes))
-    prediction = _postprocess(class_logits, mask_logits, sizes, "semantic", None)
+def _assert_semantic_equal(prediction: SemanticPrediction, expected: Tensor) -> None:
+    """Labels equal the first best class of the reference scores ``expected [C,H,W]`` wherever its lead
+    is beyond float rounding; where classes tie to rounding (the blobs' equal queries tie exactly in
+    exact arithmetic), the product's summation order decides, so the label must be one of the tied
+    best classes. Confidence is the best class's share of the summed scores."""
     top2 = expected.topk(2, dim=0).values
     rounding = 1e-6 * top2[0]
     clear = top2[0] - top2[1] > rounding
@@ -157,6 +154,60 @@ def test_semantic_labels_equal_the_full_resolution_reference(logit_size, sizes, 
     assert bool((chosen >= top2[0] - rounding).all())
     share = expected / expected.sum(0, keepdim=True).clamp_min(1e-12)
     torch.testing.assert_close(prediction.confidence, share.max(0).values, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("logit_size, sizes, make_logits", CASES)
+def test_semantic_labels_equal_the_full_resolution_reference(logit_size, sizes, make_logits) -> None:
+    class_logits, mask_logits = make_logits(logit_size)
+    expected = _reference_semantic(class_logits, _reference_to_image(mask_logits, sizes))
+    _assert_semantic_equal(_postprocess(class_logits, mask_logits, sizes, "semantic", None), expected)
+
+
+@pytest.mark.parametrize("logit_size, sizes, make_logits", CASES)
+def test_semantic_steps_and_tiles_of_any_size_equal_the_reference(logit_size, sizes, make_logits) -> None:
+    """Both paths of ``semantic_prediction``: steps ending mid-row (the GPU's) and tiles (the CPU's)
+    of one pixel, ragged at the image's edges, and wider than the image, where seven classes
+    leave bands scored whole and bands of pruned tiles."""
+    from segscope.models.mask2former import postprocess
+
+    class_logits, mask_logits = make_logits(logit_size)
+    image_logits = _reference_to_image(mask_logits, sizes)
+    expected = _reference_semantic(class_logits, image_logits)
+    _assert_semantic_equal(postprocess.semantic_by_steps(class_logits, image_logits, step=97), expected)
+    for tile in [(1, 1), (3, 5), (16, 256)]:
+        _assert_semantic_equal(postprocess.semantic_by_tiles(class_logits, image_logits, tile=tile), expected)
+        owned = image_logits.clone()  # the sigmoid taken into the logits, band by band
+        _assert_semantic_equal(postprocess.semantic_by_tiles(class_logits, owned, True, tile), expected)
+
+
+@pytest.mark.parametrize("make_logits", [lambda: _random_logits(5, 30, (6, 9), 10), lambda: _blob_logits(10, (6, 9))])
+def test_tile_candidates_hold_every_pixels_best_class(make_logits) -> None:
+    """Over many tiles (every 2 x 3 window of random and blob logits): each pixel's best class, and
+    every class within rounding of it, is a candidate of its tile."""
+    from segscope.models.mask2former import postprocess
+
+    class_logits, mask_logits = make_logits()
+    class_probs = class_logits.softmax(-1)[:, :-1]
+    probs = mask_logits.sigmoid()
+    scores = torch.einsum("qc,qhw->chw", class_probs, probs)
+    for top in range(probs.shape[1] - 1):
+        for left in range(probs.shape[2] - 2):
+            tile = probs[:, top : top + 2, left : left + 3].reshape(len(probs), -1)
+            tile_scores = scores[:, top : top + 2, left : left + 3].reshape(NUM_CLASSES, -1)
+            candidates = set(postprocess.tile_candidates(class_probs.t().contiguous(), tile).tolist())
+            near_best = tile_scores >= tile_scores.max(0).values * (1 - 1e-6)
+            assert set(near_best.any(1).nonzero()[:, 0].tolist()) <= candidates
+
+
+def test_tile_candidates_drop_classes_that_cannot_win() -> None:
+    """A tile where one confident query covers every pixel and the rest are off: only its class."""
+    class_logits = torch.full((4, NUM_CLASSES + 1), -5.0)
+    class_logits[torch.arange(4), torch.tensor([2, 5, 0, 2])] = 5.0
+    probs = torch.tensor([[0.98, 0.99, 0.97], [0.02, 0.01, 0.03], [0.05, 0.0, 0.1], [0.1, 0.2, 0.3]])
+    from segscope.models.mask2former import postprocess
+
+    candidates = postprocess.tile_candidates(class_logits.softmax(-1)[:, :-1].t().contiguous(), probs)
+    assert candidates.tolist() == [2]
 
 
 def test_semantic_prediction_of_scores_takes_the_first_argmax_and_its_share() -> None:
