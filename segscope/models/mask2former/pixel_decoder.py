@@ -52,7 +52,8 @@ class DeformableEncoderLayer(nn.Module):
         """``x, pos [B,S,C]``, ``reference_points [B,S,L,2]`` -> ``[B,S,C]``; ``level_extent [L, 2]``."""
         attended = self.self_attn(x + pos, reference_points, x, spatial_shapes, level_start_index, level_extent)
         x = self.self_attn_norm(x + attended)
-        return self.ffn_norm(x + self.linear2(F.relu(self.linear1(x))))
+        # In place: the hidden [B,S,4C] is this line's own temporary (a fresh one costs its page faults).
+        return self.ffn_norm(x + self.linear2(F.relu(self.linear1(x), inplace=True)))
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
@@ -87,7 +88,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for _ in range(num_layers)
         )
         self.lateral_conv = nn.Sequential(*_conv_gn(in_channels[0], dim, 1, bias=False))
-        self.output_conv = nn.Sequential(*_conv_gn(dim, dim, 3, bias=False), nn.ReLU())
+        self.output_conv = nn.Sequential(*_conv_gn(dim, dim, 3, bias=False), nn.ReLU(inplace=True))
         self.mask_features = nn.Conv2d(dim, mask_dim, 1)
         self._reset_parameters()
 
