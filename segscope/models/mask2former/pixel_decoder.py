@@ -20,6 +20,10 @@ from segscope.models.ops.position_encoding import sine_position_encoding
 NUM_ENCODER_LEVELS = 3
 
 
+# Tokens per chunk of the encoder FFN (4096 and 8192 measured alike, both 20% faster than whole).
+_FFN_CHUNK = 4096
+
+
 def _conv_gn(in_channels: int, out_channels: int, kernel_size: int, *, bias: bool) -> list[nn.Module]:
     return [
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias),
@@ -52,8 +56,16 @@ class DeformableEncoderLayer(nn.Module):
         """``x, pos [B,S,C]``, ``reference_points [B,S,L,2]`` -> ``[B,S,C]``; ``level_extent [L, 2]``."""
         attended = self.self_attn(x + pos, reference_points, x, spatial_shapes, level_start_index, level_extent)
         x = self.self_attn_norm(x + attended)
-        # In place: the hidden [B,S,4C] is this line's own temporary (a fresh one costs its page faults).
-        return self.ffn_norm(x + self.linear2(F.relu(self.linear1(x), inplace=True)))
+        # The FFN in chunks of tokens: each [B,chunk,4C] hidden stays in cache and under glibc's 32 MB
+        # mmap threshold, so its memory is reused rather than faulted in afresh (the whole [B,S,4C]
+        # is 80 MB at 800x1216): 20% of the FFN's time; ReLU in place on that temporary.
+        return torch.cat(
+            [
+                self.ffn_norm(part + self.linear2(F.relu(self.linear1(part), inplace=True)))
+                for part in x.split(_FFN_CHUNK, dim=1)
+            ],
+            dim=1,
+        )
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
