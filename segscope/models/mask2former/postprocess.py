@@ -112,24 +112,20 @@ def semantic_by_steps(
 ) -> SemanticPrediction:
     """``semantic_prediction`` in steps of ``step`` pixels, every class scored at every pixel.
 
-    Each step takes the sigmoid of its ``[Q,step]`` logits, then one ``[step,Q] x [Q,C]``
-    product: pixel-major, so the best class and the sum reduce along contiguous memory.
+    Each step takes the sigmoid of its ``[Q,step]`` logits, then ``_score_every_class``.
     """
-    num_queries = mask_logits.shape[0]
-    class_probs = _class_probs(class_logits).contiguous()  # [Q,C]
-    height, width = mask_logits.shape[-2:]
+    num_queries, height, width = mask_logits.shape
+    class_columns = _class_columns(class_logits)
     pixels = mask_logits.reshape(num_queries, height * width)
-    buffer = pixels.new_empty(min(step, height * width), class_probs.shape[1])
-    steps = []
+    labels = mask_logits.new_empty(height * width, dtype=torch.int64)
+    confidence = mask_logits.new_empty(height * width, dtype=torch.float32)
+    buffer = pixels.new_empty(min(step, height * width), class_columns.shape[1])
     for start in range(0, height * width, step):
-        logits = pixels[:, start : start + step]
+        window = slice(start, start + step)
+        logits = pixels[:, window]
         probs = logits.sigmoid_() if in_place else logits.sigmoid()
-        scores = torch.mm(probs.t(), class_probs, out=buffer[: probs.shape[1]])  # [step,C]
-        steps.append(SemanticPrediction.from_scores(scores.t()))
-    return SemanticPrediction(
-        labels=torch.cat([step.labels for step in steps]).view(height, width),
-        confidence=torch.cat([step.confidence for step in steps]).view(height, width),
-    )
+        _score_every_class(probs, class_columns, labels[window], confidence[window], buffer)
+    return SemanticPrediction(labels=labels.view(height, width), confidence=confidence.view(height, width))
 
 
 def semantic_by_tiles(
@@ -145,17 +141,15 @@ def semantic_by_tiles(
     once per tile.
     """
     num_queries, height, width = mask_logits.shape
-    class_probs = _class_probs(class_logits)  # [Q,C]
-    num_classes = class_probs.shape[1]
-    # [C+1,Q]: every class, then the sum over classes (a pixel's total score); and transposed.
-    class_rows = torch.cat([class_probs.t(), class_probs.sum(1)[None]]).contiguous()
-    class_columns = class_rows.t().contiguous()
+    class_columns = _class_columns(class_logits)  # [Q,C+1]
+    class_rows = class_columns.t().contiguous()  # [C+1,Q]
+    num_classes = class_rows.shape[0] - 1
     sum_row = torch.tensor([num_classes], device=mask_logits.device)
     labels = mask_logits.new_empty((height, width), dtype=torch.int64)
     confidence = mask_logits.new_empty((height, width), dtype=torch.float32)
     rows, cols = tile
     band_pixels = min(rows, height) * width
-    scores_buffer = mask_logits.new_empty(min(_SEMANTIC_CPU_STEP, band_pixels), num_classes + 1)
+    scores_buffer = mask_logits.new_empty(min(max(_SEMANTIC_CPU_STEP, rows * cols), band_pixels), num_classes + 1)
     probs_buffer = None if in_place else mask_logits.new_empty(num_queries * band_pixels)
     for top in range(0, height, rows):
         logits = mask_logits[:, top : top + rows]  # [Q,r,W]
@@ -170,22 +164,37 @@ def semantic_by_tiles(
             band_labels, band_confidence = labels[top : top + rows].view(-1), confidence[top : top + rows].view(-1)
             for start in range(0, band.shape[1], _SEMANTIC_CPU_STEP):
                 step = slice(start, start + _SEMANTIC_CPU_STEP)
-                pixels = band[:, step]
-                scores = torch.mm(pixels.t(), class_columns, out=scores_buffer[: pixels.shape[1]]).t()
-                _write_best(scores, None, band_labels[step], band_confidence[step])
+                scored = (band_labels[step], band_confidence[step])
+                _score_every_class(band[:, step], class_columns, *scored, scores_buffer)
             continue
         for left, classes in zip(lefts, candidates):
-            pixels = probs[:, :, left : left + cols]
-            pruned = len(classes) <= num_classes // 2
-            # A few classes: class-major [K+1,n] (torch's CPU mm is ~8x slower with a few output
-            # columns); many: pixel-major [n,C+1], faster from about K = C/2 on (measured).
-            if pruned:
-                scores = class_rows[torch.cat([classes, sum_row])] @ pixels.reshape(num_queries, -1)
-            else:
-                scores = (pixels.reshape(num_queries, -1).t() @ class_columns).t()
+            pixels = probs[:, :, left : left + cols].reshape(num_queries, -1)
             window = (slice(top, top + rows), slice(left, left + cols))
-            _write_best(scores, classes if pruned else None, labels[window], confidence[window])
+            # A few classes: class-major [K+1,n] (torch's CPU mm is ~8x slower with a few output
+            # columns); many: every class, pixel-major, faster from about K = C/2 on (measured).
+            if len(classes) <= num_classes // 2:
+                scores = class_rows[torch.cat([classes, sum_row])] @ pixels
+                _write_best(scores, classes, labels[window], confidence[window])
+            else:
+                _score_every_class(pixels, class_columns, labels[window], confidence[window], scores_buffer)
     return SemanticPrediction(labels=labels, confidence=confidence)
+
+
+def _class_columns(class_logits: Tensor) -> Tensor:
+    """``[Q,C+1]``: the class probabilities of ``class_logits [Q,C+1]`` ("no object" dropped), then
+    their sum per query, so that one product gives every class's score and a pixel's total."""
+    class_probs = _class_probs(class_logits)
+    return torch.cat([class_probs, class_probs.sum(1, keepdim=True)], 1).contiguous()
+
+
+def _score_every_class(
+    probs: Tensor, class_columns: Tensor, labels: Tensor, confidence: Tensor, buffer: Tensor
+) -> None:
+    """Every class at each pixel of ``probs [Q,n]``: one ``[n,Q] x [Q,C+1]`` product into ``buffer``
+    (at least ``n`` rows), pixel-major so that the best class and the sum reduce along contiguous
+    memory; then ``_write_best`` into the ``labels`` and ``confidence`` views of those pixels."""
+    scores = torch.mm(probs.t(), class_columns, out=buffer[: probs.shape[1]]).t()
+    _write_best(scores, None, labels, confidence)
 
 
 def _write_best(scores: Tensor, classes: Tensor | None, labels: Tensor, confidence: Tensor) -> None:
