@@ -62,13 +62,11 @@ def _panoptic(
 
 
 def _semantic(outputs: Mask2FormerOutput, sizes: Sequence[ImageSizes]) -> list[Prediction]:
-    predictions = []
-    for classes, masks, size in zip(outputs.class_logits, outputs.mask_logits, sizes):
-        image_logits = _to_image(masks, size, None)
-        # Detectron2's order: resize the mask logits, then score the classes. The sigmoid goes in
-        # place unless the resize returned the network's own logits.
-        fresh = image_logits.untyped_storage().data_ptr() != masks.untyped_storage().data_ptr()
-        predictions.append(postprocess.semantic_prediction(classes.float(), image_logits, in_place=fresh))
+    # Detectron2's order: resize the mask logits, then score the classes.
+    predictions = [
+        postprocess.semantic_from_outputs(classes.float(), masks, size.padded, size.resized, size.original)
+        for classes, masks, size in zip(outputs.class_logits, outputs.mask_logits, sizes)
+    ]
     host = to_host([(prediction.labels, prediction.confidence) for prediction in predictions])
     return [SemanticPrediction(labels, confidence) for labels, confidence in host]
 

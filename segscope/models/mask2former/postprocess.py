@@ -10,12 +10,14 @@ its test settings. Batching is the caller's loop; every function works on the in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segscope.models.ops.bilinear import BandedResize, ResizeStage, linear_axis
 from segscope.models.ops.boxes import mask_boxes
 from segscope.predictions import InstancePrediction, PanopticPrediction, Segment, SemanticPrediction
 
@@ -37,6 +39,41 @@ def mask_logits_to_image(
     Queries are resized independently, so resizing a subset ``mask_logits[idx]`` gives exactly
     the rows ``idx`` of the full result: callers resize only the queries their inference keeps.
     """
+    padded_size, image_size, original_size = _image_sizes(mask_logits, padded_size, image_size, original_size)
+    padded = _resize(mask_logits, padded_size)
+    image = padded[:, : image_size[0], : image_size[1]]
+    return _resize(image, original_size).contiguous()
+
+
+def mask_logits_bands(
+    mask_logits: Tensor,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> BandedResize:
+    """``mask_logits_to_image`` as bands of rows: ``bands.band(top, bottom)`` is ``[r,W0,Q]`` float32,
+    the same values as ``mask_logits_to_image(...)[:, top:bottom]`` in pixel-major layout.
+
+    Each band resizes only the logits its rows read (``ops.bilinear``), so the whole
+    ``[Q,H0,W0]`` map is never held. The crop to ``image_size`` keeps the first outputs of the
+    first resize's axes, or, on an axis already at the padded size, the first rows or columns.
+    """
+    padded_size, image_size, original_size = _image_sizes(mask_logits, padded_size, image_size, original_size)
+    pixels = mask_logits.permute(1, 2, 0).float().contiguous()  # [h,w,Q]
+    first = []
+    for dim, (size, padded, kept) in enumerate(zip(pixels.shape[:2], padded_size, image_size)):
+        axis = linear_axis(size, padded)
+        if axis is None:
+            pixels = pixels.narrow(dim, 0, kept)
+        first.append(None if axis is None else axis.outputs(0, kept))
+    second = (linear_axis(kept, size) for kept, size in zip(image_size, original_size))
+    return BandedResize(pixels, [ResizeStage(*first), ResizeStage(*second)])
+
+
+def _image_sizes(
+    mask_logits: Tensor, padded_size: tuple[int, int], image_size: tuple[int, int], original_size: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """The three sizes of ``mask_logits_to_image`` as int pairs, after checking them and the logits' shape."""
     if mask_logits.dim() != 3:
         raise ValueError(f"mask_logits must be [Q,h,w], got shape {tuple(mask_logits.shape)}")
     padded_size, image_size, original_size = (_size(s) for s in (padded_size, image_size, original_size))
@@ -44,9 +81,7 @@ def mask_logits_to_image(
         raise ValueError(f"image_size {image_size} must be positive and fit in padded_size {padded_size}")
     if min(original_size) <= 0:
         raise ValueError(f"original_size must be positive, got {original_size}")
-    padded = _resize(mask_logits, padded_size)
-    image = padded[:, : image_size[0], : image_size[1]]
-    return _resize(image, original_size).contiguous()
+    return padded_size, image_size, original_size
 
 
 def _resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -80,12 +115,15 @@ def _class_probs(class_logits: Tensor) -> Tensor:
 # Pixels per step of ``semantic_by_steps``: on a GPU, steps large enough to keep it busy.
 _SEMANTIC_STEP = 1 << 18
 # Tile (rows, columns) of ``semantic_by_tiles``: rows of a band, columns of a tile in it. 4096
-# pixels, so a tile's [Q,4096] probabilities stay in cache (16 x 256 measured fastest of
+# pixels, so a tile's [4096,Q] probabilities stay in cache (16 x 256 measured fastest of
 # 4096 to 8192 pixel tiles on COCO-like scenes: a taller or wider tile holds more classes).
 _SEMANTIC_TILE = (16, 256)
 # Pixels per product where a band of ``semantic_by_tiles`` is scored whole: its [step,C] scores
 # stay in cache (4096 to 8192 measured fastest here).
 _SEMANTIC_CPU_STEP = 8192
+# The class columns of the products are padded with zeros to a multiple of this: torch's CPU
+# matmul of [n,100] x [100,N] ran at 142 GFLOP/s for N = 134 and 172 for N = 144 (measured).
+_COLUMN_MULTIPLE = 16
 # A class is dropped from a tile only when its upper bound trails the best lower bound by this
 # fraction: far more than the float rounding of the bounds' 100-term sums (~1e-5 at worst), so
 # a dropped class can never have been the best, nor tied with it.
@@ -94,27 +132,41 @@ _PRUNE_MARGIN = 1e-4
 _BOUNDING_QUERIES = 4
 
 
-def semantic_prediction(class_logits: Tensor, mask_logits: Tensor, in_place: bool = False) -> SemanticPrediction:
-    """``SemanticPrediction.from_scores(semantic_scores(...))`` without the ``[C,H,W]`` map.
+def semantic_from_outputs(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> SemanticPrediction:
+    """``SemanticPrediction.from_scores(semantic_scores(class_logits, mask_logits_to_image(...)))``
+    without the ``[C,H0,W0]`` map, from one image's network outputs: ``class_logits [Q,C+1]``
+    and ``mask_logits [Q,h,w]`` at stride 4.
 
-    ``mask_logits [Q,H,W]`` at the image's size; ``in_place`` takes their sigmoid into them (for
-    a caller that owns them). On the CPU ``semantic_by_tiles`` (it syncs per tile), elsewhere
-    ``semantic_by_steps`` (no syncs).
+    On the CPU band by band (``mask_logits_bands``, then ``semantic_by_tiles``): no ``[Q,H0,W0]``
+    map is held. Elsewhere the resized logits are scored in steps, their sigmoid taken in place
+    unless the resize returned the network's own tensor.
     """
     _num_classes(class_logits, mask_logits)
     if mask_logits.device.type == "cpu":
-        return semantic_by_tiles(class_logits, mask_logits, in_place)
-    return semantic_by_steps(class_logits, mask_logits, in_place)
+        bands = mask_logits_bands(mask_logits, padded_size, image_size, original_size)
+        return semantic_by_tiles(class_logits, bands.band, bands.size)
+    image_logits = mask_logits_to_image(mask_logits, padded_size, image_size, original_size).float()
+    fresh = image_logits.untyped_storage().data_ptr() != mask_logits.untyped_storage().data_ptr()
+    return semantic_by_steps(class_logits, image_logits, in_place=fresh)
 
 
 def semantic_by_steps(
     class_logits: Tensor, mask_logits: Tensor, in_place: bool = False, step: int = _SEMANTIC_STEP
 ) -> SemanticPrediction:
-    """``semantic_prediction`` in steps of ``step`` pixels, every class scored at every pixel.
+    """The best class and its share at each pixel of ``mask_logits [Q,H,W]`` (at the image's size),
+    in steps of ``step`` pixels, every class scored at every pixel; no host syncs (the GPU's path).
 
-    Each step takes the sigmoid of its ``[Q,step]`` logits, then ``_score_every_class``.
+    Each step takes the sigmoid of its ``[Q,step]`` logits (in place with ``in_place``, for a
+    caller that owns them), then ``_score_every_class``.
     """
     num_queries, height, width = mask_logits.shape
+    num_classes = class_logits.shape[1] - 1
     class_columns = _class_columns(class_logits)
     pixels = mask_logits.reshape(num_queries, height * width)
     labels = mask_logits.new_empty(height * width, dtype=torch.int64)
@@ -124,107 +176,119 @@ def semantic_by_steps(
         window = slice(start, start + step)
         logits = pixels[:, window]
         probs = logits.sigmoid_() if in_place else logits.sigmoid()
-        _score_every_class(probs, class_columns, labels[window], confidence[window], buffer)
+        _score_every_class(probs.t(), class_columns, num_classes, labels[window], confidence[window], buffer)
     return SemanticPrediction(labels=labels.view(height, width), confidence=confidence.view(height, width))
 
 
 def semantic_by_tiles(
-    class_logits: Tensor, mask_logits: Tensor, in_place: bool = False, tile: tuple[int, int] = _SEMANTIC_TILE
+    class_logits: Tensor,
+    bands: Callable[[int, int, Tensor], Tensor],
+    size: tuple[int, int],
+    tile: tuple[int, int] = _SEMANTIC_TILE,
 ) -> SemanticPrediction:
-    """``semantic_prediction`` tile by tile, scoring only the classes that can win in each tile.
+    """``semantic_by_steps``' result tile by tile, scoring only the classes that can win in each tile.
 
-    A trained model's tile holds a few classes (``tile_candidates`` finds them), so its
-    ``[K,Q] x [Q,n]`` product shrinks from ``K = C`` to those. The image goes in bands of
-    ``tile[0]`` rows, cut into tiles of ``tile[1]`` columns; a band where no tile prunes half
-    the classes (white noise) is scored whole, as ``semantic_by_steps`` would. Each pixel's sum
-    over classes comes from one more row, the class probabilities summed per query. Syncs
-    once per tile.
+    ``bands(top, bottom, out)`` writes the mask logits of rows ``[top,bottom)`` of an image of
+    ``size`` into ``out``, pixel-major ``[r,W,Q]`` (this function takes their sigmoid there). The
+    image goes in bands of ``tile[0]`` rows, cut into tiles of ``tile[1]`` columns. A trained
+    model's tile holds a few classes (``tile_candidates`` finds them), so its ``[n,Q] x [Q,K]``
+    product shrinks from ``K = C`` to those; a band where no tile prunes half the classes
+    (white noise) is scored whole, as ``semantic_by_steps`` would. Each pixel's sum over
+    classes comes from one more column, the class probabilities summed per query. Syncs once
+    per tile.
     """
-    num_queries, height, width = mask_logits.shape
-    class_columns = _class_columns(class_logits)  # [Q,C+1]
-    class_rows = class_columns.t().contiguous()  # [C+1,Q]
-    num_classes = class_rows.shape[0] - 1
-    sum_row = torch.tensor([num_classes], device=mask_logits.device)
-    labels = mask_logits.new_empty((height, width), dtype=torch.int64)
-    confidence = mask_logits.new_empty((height, width), dtype=torch.float32)
+    height, width = size
+    class_columns = _class_columns(class_logits)  # [Q,C+1+padding]
+    num_classes = class_logits.shape[1] - 1
+    class_major = class_columns[:, :num_classes].t().contiguous()  # [C,Q]
+    sum_column = torch.tensor([num_classes], device=class_logits.device)
+    labels = class_logits.new_empty((height, width), dtype=torch.int64)
+    confidence = class_logits.new_empty((height, width), dtype=torch.float32)
     rows, cols = tile
-    band_pixels = min(rows, height) * width
-    scores_buffer = mask_logits.new_empty(min(max(_SEMANTIC_CPU_STEP, rows * cols), band_pixels), num_classes + 1)
-    probs_buffer = None if in_place else mask_logits.new_empty(num_queries * band_pixels)
+    buffer = class_logits.new_empty(min(max(_SEMANTIC_CPU_STEP, rows * cols), rows * width), class_columns.shape[1])
+    band_buffer = class_logits.new_empty(min(rows, height) * width, class_columns.shape[0])  # [r*W,Q]
     for top in range(0, height, rows):
-        logits = mask_logits[:, top : top + rows]  # [Q,r,W]
-        if in_place:
-            probs = logits.sigmoid_()
-        else:
-            probs = torch.sigmoid(logits, out=probs_buffer[: logits.numel()].view(logits.shape))
+        bottom = min(top + rows, height)
+        probs = bands(top, bottom, band_buffer[: (bottom - top) * width].view(bottom - top, width, -1)).sigmoid_()
+        band_labels, band_confidence = labels[top:bottom], confidence[top:bottom]
         lefts = range(0, width, cols)
-        candidates = [tile_candidates(class_rows[:-1], probs[:, :, left : left + cols]) for left in lefts]
+        candidates = [tile_candidates(class_major, probs[:, left : left + cols]) for left in lefts]
         if all(len(classes) > num_classes // 2 for classes in candidates):
-            band = probs.reshape(num_queries, -1)  # a view: each query's rows are contiguous
-            band_labels, band_confidence = labels[top : top + rows].view(-1), confidence[top : top + rows].view(-1)
-            for start in range(0, band.shape[1], _SEMANTIC_CPU_STEP):
+            pixels = probs.view(-1, probs.shape[-1])
+            for start in range(0, len(pixels), _SEMANTIC_CPU_STEP):
                 step = slice(start, start + _SEMANTIC_CPU_STEP)
-                scored = (band_labels[step], band_confidence[step])
-                _score_every_class(band[:, step], class_columns, *scored, scores_buffer)
+                scored = (band_labels.view(-1)[step], band_confidence.view(-1)[step])
+                _score_every_class(pixels[step], class_columns, num_classes, *scored, buffer)
             continue
         for left, classes in zip(lefts, candidates):
-            pixels = probs[:, :, left : left + cols].reshape(num_queries, -1)
-            window = (slice(top, top + rows), slice(left, left + cols))
-            # A few classes: class-major [K+1,n] (torch's CPU mm is ~8x slower with a few output
-            # columns); many: every class, pixel-major, faster from about K = C/2 on (measured).
+            window = slice(left, left + cols)
+            tile_probs, scored = probs[:, window], (band_labels[:, window], band_confidence[:, window])
+            # A few classes: their columns only (about 3x faster per tile); many: all, from about
+            # K = C/2 on (measured).
             if len(classes) <= num_classes // 2:
-                scores = class_rows[torch.cat([classes, sum_row])] @ pixels
-                _write_best(scores, classes, labels[window], confidence[window])
+                scores = tile_probs @ class_columns[:, torch.cat([classes, sum_column])]  # [r,c,K+1]
+                _write_best(scores, len(classes), *scored, classes)
             else:
-                _score_every_class(pixels, class_columns, labels[window], confidence[window], scores_buffer)
+                tile_pixels = tile_probs.reshape(-1, tile_probs.shape[-1])
+                _score_every_class(tile_pixels, class_columns, num_classes, *scored, buffer)
     return SemanticPrediction(labels=labels, confidence=confidence)
 
 
 def _class_columns(class_logits: Tensor) -> Tensor:
-    """``[Q,C+1]``: the class probabilities of ``class_logits [Q,C+1]`` ("no object" dropped), then
-    their sum per query, so that one product gives every class's score and a pixel's total."""
+    """``[Q,C+1+padding]``: the class probabilities of ``class_logits [Q,C+1]`` ("no object"
+    dropped), then their sum per query, so that one product gives every class's score and a
+    pixel's total; then zeros up to a multiple of ``_COLUMN_MULTIPLE`` columns."""
     class_probs = _class_probs(class_logits)
-    return torch.cat([class_probs, class_probs.sum(1, keepdim=True)], 1).contiguous()
+    num_queries, num_classes = class_probs.shape
+    columns = class_probs.new_zeros(num_queries, -(-(num_classes + 1) // _COLUMN_MULTIPLE) * _COLUMN_MULTIPLE)
+    columns[:, :num_classes] = class_probs
+    columns[:, num_classes] = class_probs.sum(1)
+    return columns
 
 
 def _score_every_class(
-    probs: Tensor, class_columns: Tensor, labels: Tensor, confidence: Tensor, buffer: Tensor
+    pixels: Tensor, class_columns: Tensor, num_classes: int, labels: Tensor, confidence: Tensor, buffer: Tensor
 ) -> None:
-    """Every class at each pixel of ``probs [Q,n]``: one ``[n,Q] x [Q,C+1]`` product into ``buffer``
-    (at least ``n`` rows), pixel-major so that the best class and the sum reduce along contiguous
-    memory; then ``_write_best`` into the ``labels`` and ``confidence`` views of those pixels."""
-    scores = torch.mm(probs.t(), class_columns, out=buffer[: probs.shape[1]]).t()
-    _write_best(scores, None, labels, confidence)
+    """Every class at each pixel of ``pixels [n,Q]`` (mask probabilities): one product with
+    ``class_columns [Q,C+1+padding]`` into ``buffer`` (at least ``n`` rows), pixel-major so that
+    the best class and the sum reduce along contiguous memory; then ``_write_best`` into the
+    ``labels`` and ``confidence`` views of those ``n`` pixels (any shape)."""
+    scores = torch.mm(pixels, class_columns, out=buffer[: pixels.shape[0]])
+    _write_best(scores, num_classes, labels, confidence)
 
 
-def _write_best(scores: Tensor, classes: Tensor | None, labels: Tensor, confidence: Tensor) -> None:
-    """From ``scores [K+1,n]`` (classes, then their sum) into ``labels`` and ``confidence`` views of
-    ``n`` pixels: the first best class (``classes[k]`` when given, else ``k``) and its share."""
-    best, winner = scores[:-1].max(0)
+def _write_best(
+    scores: Tensor, count: int, labels: Tensor, confidence: Tensor, classes: Tensor | None = None
+) -> None:
+    """From ``scores [...,K+1+]`` (``count`` classes, then their sum) into ``labels`` and ``confidence``
+    views of the same pixels: the first best class (``classes[k]`` when given, else ``k``) and
+    its share of the sum."""
+    best, winner = scores[..., :count].max(-1)
     labels.copy_((winner if classes is None else classes[winner]).view(labels.shape))
-    confidence.copy_((best / scores[-1].clamp_min(1e-12)).view(confidence.shape))
+    confidence.copy_((best / scores[..., count].clamp_min(1e-12)).view(confidence.shape))
 
 
 def tile_candidates(class_major: Tensor, probs: Tensor) -> Tensor:
     """The classes ``[K]`` (ascending) that may be the best at some pixel of a tile.
 
-    ``class_major [C,Q]`` class probabilities, ``probs [Q,...]`` the tile's mask probabilities.
-    Every pixel's best score is at least two things: the best class's score with each mask
-    probability at its minimum over the tile, and (all terms being non-negative) any single
-    term, such as a query's mask probability there times its own top class probability. The
-    larger of the two, less ``_PRUNE_MARGIN``, is the bar a class's upper bound (each mask
+    ``class_major [C,Q]`` class probabilities, ``probs [...,Q]`` the tile's mask probabilities,
+    pixel-major. Every pixel's best score is at least two things: the best class's score with
+    each mask probability at its minimum over the tile, and (all terms being non-negative) any
+    single term, such as a query's mask probability there times its own top class probability.
+    The larger of the two, less ``_PRUNE_MARGIN``, is the bar a class's upper bound (each mask
     probability at its maximum) must reach. The second bound is what holds at a boundary
     between two segments, where each query's minimum is near 0 but at every pixel one of them
     is near 1; it is taken over the ``_BOUNDING_QUERIES`` queries with the largest terms.
     """
-    pixel_dims = tuple(range(1, probs.dim()))
-    highest = probs.amax(pixel_dims)  # [Q]
-    lower, upper = class_major @ probs.amin(pixel_dims), class_major @ highest  # [C]
+    highest, lowest = probs, probs
+    for _ in range(probs.dim() - 1):  # one leading dim at a time: 25x faster than all at once on a band's view
+        highest, lowest = highest.amax(0), lowest.amin(0)  # ends [Q]
+    lower, upper = class_major @ lowest, class_major @ highest  # [C]
     # Any subset of queries gives a valid bound; the few that reach the largest terms hold it at
     # a boundary, and taking all Q would cost another pass over the tile.
     top_class = class_major.amax(0)  # [Q]
     strongest = (top_class * highest).topk(min(_BOUNDING_QUERIES, len(top_class))).indices
-    top_term = (probs[strongest].flatten(1) * top_class[strongest, None]).amax(0).amin()
+    top_term = (probs[..., strongest] * top_class[strongest]).amax(-1).amin()
     bar = torch.maximum(lower.max(), top_term) * (1 - _PRUNE_MARGIN)
     return (upper >= bar).nonzero()[:, 0]
 

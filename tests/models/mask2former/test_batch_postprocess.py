@@ -98,7 +98,8 @@ def test_per_pixel_work_reads_no_value_back_to_the_host() -> None:
     assert pixels.winner.shape == sizes.original and pixels.won_area.shape == (5,)
     query_masks = postprocess.instance_query_masks(logits)
     assert query_masks.boxes.shape == (5, 4)
-    semantic = postprocess.semantic_prediction(torch.empty(5, NUM_CLASSES + 1, device="meta"), logits, in_place=True)
+    class_logits, mask_logits = torch.empty(5, NUM_CLASSES + 1, device="meta"), torch.empty(5, 12, 16, device="meta")
+    semantic = postprocess.semantic_from_outputs(class_logits, mask_logits, sizes.padded, sizes.resized, sizes.original)
     assert semantic.labels.shape == sizes.original
     with pytest.raises(NotImplementedError):  # the meta device does catch a read-back
         torch.empty(3, device="meta").nonzero()

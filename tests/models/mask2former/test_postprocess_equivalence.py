@@ -165,19 +165,63 @@ def test_semantic_labels_equal_the_full_resolution_reference(logit_size, sizes, 
 
 @pytest.mark.parametrize("logit_size, sizes, make_logits", CASES)
 def test_semantic_steps_and_tiles_of_any_size_equal_the_reference(logit_size, sizes, make_logits) -> None:
-    """Both paths of ``semantic_prediction``: steps ending mid-row (the GPU's) and tiles (the CPU's)
-    of one pixel, ragged at the image's edges, and wider than the image, where seven classes
-    leave bands scored whole and bands of pruned tiles."""
+    """Both paths: steps ending mid-row (the GPU's) and tiles (the CPU's) of one pixel, ragged at the
+    image's edges, and wider than the image, where seven classes leave bands scored whole and
+    bands of pruned tiles; the tiles over bands of the image's logits and over bands resized from
+    the network's (``mask_logits_bands``)."""
     from segscope.models.mask2former import postprocess
 
     class_logits, mask_logits = make_logits(logit_size)
     image_logits = _reference_to_image(mask_logits, sizes)
     expected = _reference_semantic(class_logits, image_logits)
     _assert_semantic_equal(postprocess.semantic_by_steps(class_logits, image_logits, step=97), expected)
+    owned = image_logits.clone()  # the sigmoid taken into the logits
+    _assert_semantic_equal(postprocess.semantic_by_steps(class_logits, owned, True, step=97), expected)
+    resized = postprocess.mask_logits_bands(mask_logits, sizes.padded, sizes.resized, sizes.original)
     for tile in [(1, 1), (3, 5), (16, 256)]:
-        _assert_semantic_equal(postprocess.semantic_by_tiles(class_logits, image_logits, tile=tile), expected)
-        owned = image_logits.clone()  # the sigmoid taken into the logits, band by band
-        _assert_semantic_equal(postprocess.semantic_by_tiles(class_logits, owned, True, tile), expected)
+        prediction = postprocess.semantic_by_tiles(class_logits, resized.band, sizes.original, tile)
+        _assert_semantic_equal(prediction, expected)
+
+    def image_bands(top: int, bottom: int, out: Tensor) -> Tensor:
+        return out.copy_(image_logits[:, top:bottom].permute(1, 2, 0))
+
+    _assert_semantic_equal(postprocess.semantic_by_tiles(class_logits, image_bands, sizes.original), expected)
+
+
+@pytest.mark.parametrize("logit_size, sizes, make_logits", CASES[::4])
+def test_mask_logits_bands_equal_the_resized_logits(logit_size, sizes, make_logits) -> None:
+    """Every band, of any height, is those rows of ``mask_logits_to_image``, pixel-major (to float
+    rounding: outputs this small go through aten's other bilinear kernel, which rounds differently)."""
+    from segscope.models.mask2former import postprocess
+
+    _, mask_logits = make_logits(logit_size)
+    expected = postprocess.mask_logits_to_image(mask_logits, sizes.padded, sizes.resized, sizes.original)
+    bands = postprocess.mask_logits_bands(mask_logits, sizes.padded, sizes.resized, sizes.original)
+    assert bands.size == sizes.original
+    for rows in (1, 3, sizes.original[0]):
+        for top in range(0, sizes.original[0], rows):
+            band = bands.band(top, min(top + rows, sizes.original[0]))
+            torch.testing.assert_close(band, expected[:, top : top + rows].permute(1, 2, 0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "sizes", [ImageSizes((800, 1088), (800, 1066), (480, 640)), ImageSizes((512, 640), (500, 627), (1000, 1254))]
+)
+def test_mask_logits_bands_at_pipeline_sizes_equal_the_resized_logits_to_the_bit(sizes) -> None:
+    """A photo's sizes (shortest side 800, padding, back to the original): the same values as
+    ``mask_logits_to_image``, to the bit on the build where that was measured (see test_bilinear)."""
+    from segscope.models.mask2former import postprocess
+
+    logit_size = (sizes.padded[0] // 4, sizes.padded[1] // 4)
+    _, mask_logits = _random_logits(6, 6, logit_size, confident=0)
+    size_args = (sizes.padded, sizes.resized, sizes.original)
+    expected = postprocess.mask_logits_to_image(mask_logits, *size_args).permute(1, 2, 0)
+    bands = postprocess.mask_logits_bands(mask_logits, *size_args)
+    height = sizes.original[0]
+    resized = torch.cat([bands.band(top, min(top + 16, height)) for top in range(0, height, 16)])
+    torch.testing.assert_close(resized, expected, rtol=1e-6, atol=1e-6)
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert torch.equal(resized, expected)
 
 
 @pytest.mark.parametrize("make_logits", [lambda: _random_logits(5, 30, (6, 9), 10), lambda: _blob_logits(10, (6, 9))])
@@ -188,11 +232,11 @@ def test_tile_candidates_hold_every_pixels_best_class(make_logits) -> None:
 
     class_logits, mask_logits = make_logits()
     class_probs = class_logits.softmax(-1)[:, :-1]
-    probs = mask_logits.sigmoid()
-    scores = torch.einsum("qc,qhw->chw", class_probs, probs)
-    for top in range(probs.shape[1] - 1):
-        for left in range(probs.shape[2] - 2):
-            tile = probs[:, top : top + 2, left : left + 3].reshape(len(probs), -1)
+    probs = mask_logits.sigmoid().permute(1, 2, 0)  # [H,W,Q]
+    scores = torch.einsum("qc,hwq->chw", class_probs, probs)
+    for top in range(probs.shape[0] - 1):
+        for left in range(probs.shape[1] - 2):
+            tile = probs[top : top + 2, left : left + 3]
             tile_scores = scores[:, top : top + 2, left : left + 3].reshape(NUM_CLASSES, -1)
             candidates = set(postprocess.tile_candidates(class_probs.t().contiguous(), tile).tolist())
             near_best = tile_scores >= tile_scores.max(0).values * (1 - 1e-6)
@@ -206,7 +250,7 @@ def test_tile_candidates_drop_classes_that_cannot_win() -> None:
     probs = torch.tensor([[0.98, 0.99, 0.97], [0.02, 0.01, 0.03], [0.05, 0.0, 0.1], [0.1, 0.2, 0.3]])
     from segscope.models.mask2former import postprocess
 
-    candidates = postprocess.tile_candidates(class_logits.softmax(-1)[:, :-1].t().contiguous(), probs)
+    candidates = postprocess.tile_candidates(class_logits.softmax(-1)[:, :-1].t().contiguous(), probs.t())
     assert candidates.tolist() == [2]
 
 
