@@ -114,9 +114,10 @@ def _class_probs(class_logits: Tensor) -> Tensor:
 
 # Pixels per step of ``semantic_by_steps``: on a GPU, steps large enough to keep it busy.
 _SEMANTIC_STEP = 1 << 18
-# Tile (rows, columns) of ``semantic_by_tiles``: rows of a band, columns of a tile in it. 4096
-# pixels, so a tile's [4096,Q] probabilities stay in cache (16 x 256 measured fastest of
-# 4096 to 8192 pixel tiles on COCO-like scenes: a taller or wider tile holds more classes).
+# Tile (rows, columns) of ``semantic_by_tiles``: rows of a band, columns of a tile in it whose
+# class bounds are taken together. 16 x 256 measured fastest of 8 to 64 rows x 128 to 512
+# columns at 800x1216 on both of bench_postprocess's logits (a taller or wider tile keeps more
+# classes; a shorter band costs more ops).
 _SEMANTIC_TILE = (16, 256)
 # Pixels per product where a band of ``semantic_by_tiles`` is scored whole: its [step,C] scores
 # stay in cache (4096 to 8192 measured fastest here).
@@ -186,16 +187,16 @@ def semantic_by_tiles(
     size: tuple[int, int],
     tile: tuple[int, int] = _SEMANTIC_TILE,
 ) -> SemanticPrediction:
-    """``semantic_by_steps``' result tile by tile, scoring only the classes that can win in each tile.
+    """``semantic_by_steps``' result band by band, scoring only the classes that can win in the band.
 
     ``bands(top, bottom, out)`` writes the mask logits of rows ``[top,bottom)`` of an image of
     ``size`` into ``out``, pixel-major ``[r,W,Q]`` (this function takes their sigmoid there). The
-    image goes in bands of ``tile[0]`` rows, cut into tiles of ``tile[1]`` columns. A trained
-    model's tile holds a few classes (``tile_candidates`` finds them), so its ``[n,Q] x [Q,K]``
-    product shrinks from ``K = C`` to those; a band where no tile prunes half the classes
-    (white noise) is scored whole, as ``semantic_by_steps`` would. Each pixel's sum over
-    classes comes from one more column, the class probabilities summed per query. Syncs once
-    per tile.
+    image goes in bands of ``tile[0]`` rows; ``tile_candidates`` bounds every class's score in
+    each tile of ``tile[1]`` columns and keeps those that can win there. A trained model's band
+    keeps a few classes, so its ``[n,Q] x [Q,K]`` product shrinks from ``K = C`` to their union;
+    a band keeping more than half (white noise) is scored whole, as ``semantic_by_steps`` would.
+    Each pixel's sum over classes comes from one more column, the class probabilities summed
+    per query. Syncs once per band.
     """
     height, width = size
     class_columns = _class_columns(class_logits)  # [Q,C+1+padding]
@@ -205,32 +206,24 @@ def semantic_by_tiles(
     labels = class_logits.new_empty((height, width), dtype=torch.int64)
     confidence = class_logits.new_empty((height, width), dtype=torch.float32)
     rows, cols = tile
-    buffer = class_logits.new_empty(min(max(_SEMANTIC_CPU_STEP, rows * cols), rows * width), class_columns.shape[1])
+    buffer = class_logits.new_empty(min(_SEMANTIC_CPU_STEP, rows * width), class_columns.shape[1])
     band_buffer = class_logits.new_empty(min(rows, height) * width, class_columns.shape[0])  # [r*W,Q]
     for top in range(0, height, rows):
         bottom = min(top + rows, height)
         probs = bands(top, bottom, band_buffer[: (bottom - top) * width].view(bottom - top, width, -1)).sigmoid_()
-        band_labels, band_confidence = labels[top:bottom], confidence[top:bottom]
-        lefts = range(0, width, cols)
-        candidates = [tile_candidates(class_major, probs[:, left : left + cols]) for left in lefts]
-        if all(len(classes) > num_classes // 2 for classes in candidates):
-            pixels = probs.view(-1, probs.shape[-1])
-            for start in range(0, len(pixels), _SEMANTIC_CPU_STEP):
-                step = slice(start, start + _SEMANTIC_CPU_STEP)
-                scored = (band_labels.view(-1)[step], band_confidence.view(-1)[step])
-                _score_every_class(pixels[step], class_columns, num_classes, *scored, buffer)
+        pixels = probs.view(-1, probs.shape[-1])  # [n,Q]
+        band_labels, band_confidence = labels[top:bottom].view(-1), confidence[top:bottom].view(-1)
+        classes = tile_candidates(class_major, probs, cols).any(0).nonzero()[:, 0]
+        # A few classes: their columns only, one narrow product (2-3x faster than all 133 up to
+        # K = 64, measured); more than half: every class, in steps that stay in cache.
+        if len(classes) <= num_classes // 2:
+            scores = pixels @ class_columns[:, torch.cat([classes, sum_column])]  # [n,K+1]
+            _write_best(scores, len(classes), band_labels, band_confidence, classes)
             continue
-        for left, classes in zip(lefts, candidates):
-            window = slice(left, left + cols)
-            tile_probs, scored = probs[:, window], (band_labels[:, window], band_confidence[:, window])
-            # A few classes: their columns only (about 3x faster per tile); many: all, from about
-            # K = C/2 on (measured).
-            if len(classes) <= num_classes // 2:
-                scores = tile_probs @ class_columns[:, torch.cat([classes, sum_column])]  # [r,c,K+1]
-                _write_best(scores, len(classes), *scored, classes)
-            else:
-                tile_pixels = tile_probs.reshape(-1, tile_probs.shape[-1])
-                _score_every_class(tile_pixels, class_columns, num_classes, *scored, buffer)
+        for start in range(0, len(pixels), _SEMANTIC_CPU_STEP):
+            step = slice(start, start + _SEMANTIC_CPU_STEP)
+            scored = (band_labels[step], band_confidence[step])
+            _score_every_class(pixels[step], class_columns, num_classes, *scored, buffer)
     return SemanticPrediction(labels=labels, confidence=confidence)
 
 
@@ -268,29 +261,45 @@ def _write_best(
     confidence.copy_((best / scores[..., count].clamp_min(1e-12)).view(confidence.shape))
 
 
-def tile_candidates(class_major: Tensor, probs: Tensor) -> Tensor:
-    """The classes ``[K]`` (ascending) that may be the best at some pixel of a tile.
+def tile_candidates(class_major: Tensor, probs: Tensor, tile_width: int) -> Tensor:
+    """``[T,C]`` bool: the classes that may be the best at some pixel of each tile of a band.
 
-    ``class_major [C,Q]`` class probabilities, ``probs [...,Q]`` the tile's mask probabilities,
-    pixel-major. Every pixel's best score is at least two things: the best class's score with
-    each mask probability at its minimum over the tile, and (all terms being non-negative) any
-    single term, such as a query's mask probability there times its own top class probability.
-    The larger of the two, less ``_PRUNE_MARGIN``, is the bar a class's upper bound (each mask
-    probability at its maximum) must reach. The second bound is what holds at a boundary
-    between two segments, where each query's minimum is near 0 but at every pixel one of them
-    is near 1; it is taken over the ``_BOUNDING_QUERIES`` queries with the largest terms.
+    ``class_major [C,Q]`` class probabilities, ``probs [r,W,Q]`` the band's mask probabilities,
+    pixel-major, cut into ``T`` tiles of ``tile_width`` columns (the last one narrower when
+    ``W`` is not a multiple). In a tile every pixel's best score is at least two things: the
+    best class's score with each mask probability at its minimum over the tile, and (all terms
+    being non-negative) any single term, such as a query's mask probability there times its
+    own top class probability. The larger of the two, less ``_PRUNE_MARGIN``, is the bar a
+    class's upper bound (each mask probability at its maximum) must reach. The second bound is
+    what holds at a boundary between two segments, where each query's minimum is near 0 but at
+    every pixel one of them is near 1; it is taken over the ``_BOUNDING_QUERIES`` queries with
+    the largest terms in the tile. All tiles at once: a few ops per band, not per tile.
     """
-    highest, lowest = probs, probs
-    for _ in range(probs.dim() - 1):  # one leading dim at a time: 25x faster than all at once on a band's view
-        highest, lowest = highest.amax(0), lowest.amin(0)  # ends [Q]
-    lower, upper = class_major @ lowest, class_major @ highest  # [C]
+    width = probs.shape[1]
+    tiles = -(-width // tile_width)
+    tile_of_column = torch.arange(width, device=probs.device) // tile_width  # [W]
+    # Reduce the rows one dim at a time (25x faster than two dims at once on this layout).
+    highest = _per_tile(probs.amax(0), tiles, tile_width, torch.amax)  # [T,Q]
+    lowest = _per_tile(probs.amin(0), tiles, tile_width, torch.amin)
+    lower, upper = lowest @ class_major.t(), highest @ class_major.t()  # [T,C]
     # Any subset of queries gives a valid bound; the few that reach the largest terms hold it at
-    # a boundary, and taking all Q would cost another pass over the tile.
+    # a boundary, and taking all Q would cost another pass over the band.
     top_class = class_major.amax(0)  # [Q]
-    strongest = (top_class * highest).topk(min(_BOUNDING_QUERIES, len(top_class))).indices
-    top_term = (probs[..., strongest] * top_class[strongest]).amax(-1).amin()
-    bar = torch.maximum(lower.max(), top_term) * (1 - _PRUNE_MARGIN)
-    return (upper >= bar).nonzero()[:, 0]
+    strongest = (top_class * highest).topk(min(_BOUNDING_QUERIES, len(top_class)), dim=1).indices  # [T,k]
+    column_queries = strongest[tile_of_column].expand(probs.shape[0], -1, -1)  # [r,W,k]
+    terms = probs.gather(2, column_queries) * top_class[column_queries]
+    top_term = _per_tile(terms.amax(2).amin(0)[:, None], tiles, tile_width, torch.amin)[:, 0]  # [T]
+    bar = torch.maximum(lower.amax(1), top_term) * (1 - _PRUNE_MARGIN)
+    return upper >= bar[:, None]
+
+
+def _per_tile(columns: Tensor, tiles: int, tile_width: int, reduce: Callable[..., Tensor]) -> Tensor:
+    """``reduce`` (amax or amin) of ``columns [W,Q]`` over each tile's columns -> ``[T,Q]``; the last,
+    narrower tile is filled out with copies of its last column, which change neither."""
+    missing = tiles * tile_width - len(columns)
+    if missing:
+        columns = torch.cat([columns, columns[-1:].expand(missing, -1)])
+    return reduce(columns.view(tiles, tile_width, -1), 1)
 
 
 def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:

@@ -111,9 +111,11 @@ class BandedResize:
             windows.append((start, stop))
             if stage.rows is not None:
                 start, stop = stage.rows.window(start, stop)
+        # The last stage that resizes writes into ``out``; the ones before it into kept buffers.
+        final = max((i for i, stage in enumerate(self.stages) if stage != (None, None)), default=-1)
         band, offset = self.maps[start:stop], start
         for index, (stage, (start, stop)) in enumerate(zip(self.stages, reversed(windows))):
-            last = index == len(self.stages) - 1
+            last = index == final
             if stage.columns is not None:
                 shape = (band.shape[0], len(stage.columns.lower), band.shape[2])
                 target = out if last and stage.rows is None else self._buffer(f"columns{index}", shape)
@@ -122,7 +124,7 @@ class BandedResize:
                 target = out if last else self._buffer(f"rows{index}", (stop - start, *band.shape[1:]))
                 band = interpolate_rows(band, stage.rows.outputs(start, stop), target, offset)
             offset = start
-        return band if band.data_ptr() == out.data_ptr() else out.copy_(band)
+        return out if final >= 0 else out.copy_(band)
 
     def _buffer(self, name: str, shape: tuple[int, int, int]) -> Tensor:
         """A contiguous ``shape`` view of buffer ``name``, which grows when too small and is kept."""

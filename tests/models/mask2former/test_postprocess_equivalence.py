@@ -226,8 +226,9 @@ def test_mask_logits_bands_at_pipeline_sizes_equal_the_resized_logits_to_the_bit
 
 @pytest.mark.parametrize("make_logits", [lambda: _random_logits(5, 30, (6, 9), 10), lambda: _blob_logits(10, (6, 9))])
 def test_tile_candidates_hold_every_pixels_best_class(make_logits) -> None:
-    """Over many tiles (every 2 x 3 window of random and blob logits): each pixel's best class, and
-    every class within rounding of it, is a candidate of its tile."""
+    """Over many tiles (2-row bands from every row and column, cut into tiles 3 wide, the last one
+    narrower) of random and blob logits: each pixel's best class, and every class within
+    rounding of it, is a candidate of its tile."""
     from segscope.models.mask2former import postprocess
 
     class_logits, mask_logits = make_logits()
@@ -235,23 +236,28 @@ def test_tile_candidates_hold_every_pixels_best_class(make_logits) -> None:
     probs = mask_logits.sigmoid().permute(1, 2, 0)  # [H,W,Q]
     scores = torch.einsum("qc,hwq->chw", class_probs, probs)
     for top in range(probs.shape[0] - 1):
-        for left in range(probs.shape[1] - 2):
-            tile = probs[top : top + 2, left : left + 3]
-            tile_scores = scores[:, top : top + 2, left : left + 3].reshape(NUM_CLASSES, -1)
-            candidates = set(postprocess.tile_candidates(class_probs.t().contiguous(), tile).tolist())
-            near_best = tile_scores >= tile_scores.max(0).values * (1 - 1e-6)
-            assert set(near_best.any(1).nonzero()[:, 0].tolist()) <= candidates
+        for left in range(probs.shape[1] - 1):
+            band = probs[top : top + 2, left:]
+            candidates = postprocess.tile_candidates(class_probs.t().contiguous(), band, 3)
+            assert candidates.shape == (-(-band.shape[1] // 3), NUM_CLASSES)
+            for tile, tile_candidates in enumerate(candidates):
+                window = slice(left + 3 * tile, left + 3 * tile + 3)
+                tile_scores = scores[:, top : top + 2, window].reshape(NUM_CLASSES, -1)
+                near_best = (tile_scores >= tile_scores.max(0).values * (1 - 1e-6)).any(1)
+                assert not bool((near_best & ~tile_candidates).any())
 
 
 def test_tile_candidates_drop_classes_that_cannot_win() -> None:
-    """A tile where one confident query covers every pixel and the rest are off: only its class."""
+    """A tile where one confident query covers every pixel and the rest are off: only its class;
+    the next tile, where the second query covers everything, only that one's."""
     class_logits = torch.full((4, NUM_CLASSES + 1), -5.0)
     class_logits[torch.arange(4), torch.tensor([2, 5, 0, 2])] = 5.0
     probs = torch.tensor([[0.98, 0.99, 0.97], [0.02, 0.01, 0.03], [0.05, 0.0, 0.1], [0.1, 0.2, 0.3]])
+    band = torch.cat([probs, probs[[1, 0, 2, 3]]], 1).t()[None]  # [1,6,Q]: two tiles of 3 columns
     from segscope.models.mask2former import postprocess
 
-    candidates = postprocess.tile_candidates(class_logits.softmax(-1)[:, :-1].t().contiguous(), probs.t())
-    assert candidates.tolist() == [2]
+    candidates = postprocess.tile_candidates(class_logits.softmax(-1)[:, :-1].t().contiguous(), band, 3)
+    assert [tile.nonzero()[:, 0].tolist() for tile in candidates] == [[2], [5]]
 
 
 def test_semantic_prediction_of_scores_takes_the_first_argmax_and_its_share() -> None:
