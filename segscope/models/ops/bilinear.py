@@ -112,7 +112,8 @@ class BandedResize:
             if stage.rows is not None:
                 start, stop = stage.rows.window(start, stop)
         # The last stage that resizes writes into ``out``; the ones before it into kept buffers.
-        final = max((i for i, stage in enumerate(self.stages) if stage != (None, None)), default=-1)
+        resizing = [index for index, stage in enumerate(self.stages) if any(axis is not None for axis in stage)]
+        final = resizing[-1] if resizing else -1
         band, offset = self.maps[start:stop], start
         for index, (stage, (start, stop)) in enumerate(zip(self.stages, reversed(windows))):
             last = index == final
