@@ -57,7 +57,13 @@ class SemanticPrediction:
         """The prediction of class scores ``scores [C,...]`` (non-negative; ``[C,H,W]`` stitched windows, or
         ``[C,N]`` a step of pixels): the first best class and its share of the summed scores."""
         best, labels = scores.max(0)
-        return cls(labels=labels, confidence=(best / scores.sum(0).clamp_min(1e-12)).float())
+        return cls(labels=labels, confidence=class_share(best, scores.sum(0)).float())
+
+
+def class_share(best: Tensor, total: Tensor) -> Tensor:
+    """A semantic prediction's confidence: the best class's score over the pixel's summed scores
+    (non-negative), a pixel scoring nothing at all giving 0 rather than NaN."""
+    return best / total.clamp_min(1e-12)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from segscope.models.ops.bilinear import BandedResize, ResizeStage, linear_axis
 from segscope.models.ops.boxes import mask_boxes
-from segscope.predictions import InstancePrediction, PanopticPrediction, Segment, SemanticPrediction
+from segscope.predictions import InstancePrediction, PanopticPrediction, Segment, SemanticPrediction, class_share
 
 # Keeps the mean mask probability of an empty mask finite (detectron2's value).
 _EMPTY_MASK_EPS = 1e-6
@@ -258,7 +258,7 @@ def _write_best(
     its share of the sum."""
     best, winner = scores[..., :count].max(-1)
     labels.copy_((winner if classes is None else classes[winner]).view(labels.shape))
-    confidence.copy_((best / scores[..., count].clamp_min(1e-12)).view(confidence.shape))
+    confidence.copy_(class_share(best, scores[..., count]).view(confidence.shape))
 
 
 def tile_candidates(class_major: Tensor, probs: Tensor, tile_width: int) -> Tensor:
