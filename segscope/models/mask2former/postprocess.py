@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segscope.models.ops.bilinear import BandedResize, ResizeStage, linear_axis
+from segscope.models.ops.bilinear import BandedResize, LinearAxis, ResizeStage, linear_axis
 from segscope.models.ops.boxes import mask_boxes
 from segscope.predictions import InstancePrediction, PanopticPrediction, Segment, SemanticPrediction, class_share
 
@@ -60,12 +60,14 @@ def mask_logits_bands(
     """
     padded_size, image_size, original_size = _image_sizes(mask_logits, padded_size, image_size, original_size)
     pixels = mask_logits.permute(1, 2, 0).float().contiguous()  # [h,w,Q]
-    first = []
+    first: list[LinearAxis | None] = []
     for dim, (size, padded, kept) in enumerate(zip(pixels.shape[:2], padded_size, image_size)):
         axis = linear_axis(size, padded)
-        if axis is None:
+        if axis is None:  # already at the padded size: the crop is a narrower input
             pixels = pixels.narrow(dim, 0, kept)
-        first.append(None if axis is None else axis.outputs(0, kept))
+            first.append(None)
+        else:
+            first.append(axis.outputs(0, kept))
     second = (linear_axis(kept, size) for kept, size in zip(image_size, original_size))
     return BandedResize(pixels, [ResizeStage(*first), ResizeStage(*second)])
 
