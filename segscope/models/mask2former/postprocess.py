@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segscope.models.mask2former.class_screen import class_screen, screen
+from segscope.models.ops.argmax import RowArgmax
 from segscope.models.ops.bilinear import BandedResize, LinearAxis, ResizeStage, linear_axis
 from segscope.models.ops.boxes import mask_boxes
 from segscope.predictions import InstancePrediction, PanopticPrediction, Segment, SemanticPrediction, class_share
@@ -189,55 +191,118 @@ def semantic_by_tiles(
     size: tuple[int, int],
     tile: tuple[int, int] = _SEMANTIC_TILE,
 ) -> SemanticPrediction:
-    """``semantic_by_steps``' result band by band, scoring only the classes that can win in the band.
+    """``semantic_by_steps``' result band by band, scoring only the classes that can win (the CPU's path).
 
     ``bands(top, bottom, out)`` writes the mask logits of rows ``[top,bottom)`` of an image of
     ``size`` into ``out``, pixel-major ``[r,W,Q]`` (this function takes their sigmoid there). The
-    image goes in bands of ``tile[0]`` rows; ``tile_candidates`` bounds every class's score in
-    each tile of ``tile[1]`` columns and keeps those that can win there. A trained model's band
-    keeps a few classes, so its ``[n,Q] x [Q,K]`` product shrinks from ``K = C`` to their union;
-    a band keeping more than half (white noise) is scored whole, as ``semantic_by_steps`` would.
-    Each pixel's sum over classes comes from one more column, the class probabilities summed
-    per query. Syncs once per band.
+    image goes in bands of ``tile[0]`` rows, each through the first of three ways that works:
+    1. ``tile_candidates`` bounds every class's score in each tile of ``tile[1]`` columns and
+       keeps those that can win there. A trained model's band keeps a few classes, so its
+       ``[n,Q] x [Q,K]`` product shrinks from ``K = C`` to their union.
+    2. Where more than half remain, ``class_screen`` proves at most pixels that the best class
+       is one of a few strong ones (classes some query is sure of), from a 16-column product.
+    3. The pixels left, or a band where neither pays, score every class, in steps that stay
+       in cache, each pixel's best class found by ``RowArgmax``.
+    A way that did not pay in a band is skipped for the next 1, then 3, 7, ... bands, until
+    it pays again (white noise logits never let 1 pay; a random model's never let 2).
+    Each pixel's sum over classes comes from one more column. Syncs a few times per band.
     """
     height, width = size
     class_columns = _class_columns(class_logits)  # [Q,C+1+padding]
     num_classes = class_logits.shape[1] - 1
     class_major = class_columns[:, :num_classes].t().contiguous()  # [C,Q]
+    strong = class_screen(class_columns[:, :num_classes])
     sum_column = torch.tensor([num_classes], device=class_logits.device)
     labels = class_logits.new_empty((height, width), dtype=torch.int64)
     confidence = class_logits.new_empty((height, width), dtype=torch.float32)
     rows, cols = tile
-    buffer = class_logits.new_empty(min(_SEMANTIC_CPU_STEP, rows * width), class_columns.shape[1])
     band_buffer = class_logits.new_empty(min(rows, height) * width, class_columns.shape[0])  # [r*W,Q]
-    for top in range(0, height, rows):
-        bottom = min(top + rows, height)
-        probs = bands(top, bottom, band_buffer[: (bottom - top) * width].view(bottom - top, width, -1)).sigmoid_()
-        pixels = probs.view(-1, probs.shape[-1])  # [n,Q]
-        band_labels, band_confidence = labels[top:bottom].view(-1), confidence[top:bottom].view(-1)
-        classes = tile_candidates(class_major, probs, cols).any(0).nonzero()[:, 0]
-        # A few classes: their columns only, one narrow product (2-3x faster than all 133 up to
-        # K = 64, measured); more than half: every class, in steps that stay in cache.
-        if len(classes) <= num_classes // 2:
-            scores = pixels @ class_columns[:, torch.cat([classes, sum_column])]  # [n,K+1]
-            _write_best(scores, len(classes), band_labels, band_confidence, classes)
-            continue
-        for start in range(0, len(pixels), _SEMANTIC_CPU_STEP):
-            step = slice(start, start + _SEMANTIC_CPU_STEP)
-            scored = (band_labels[step], band_confidence[step])
-            _score_every_class(pixels[step], class_columns, num_classes, *scored, buffer)
+    bounds, screening = _Backoff(), _Backoff()
+    with RowArgmax() as row_argmax:
+        buffer = class_logits.new_empty(min(_SEMANTIC_CPU_STEP, rows * width), class_columns.shape[1])
+        every_class = _EveryClass(class_columns, num_classes, buffer, row_argmax)
+        for top in range(0, height, rows):
+            bottom = min(top + rows, height)
+            probs = bands(top, bottom, band_buffer[: (bottom - top) * width].view(bottom - top, width, -1)).sigmoid_()
+            pixels = probs.view(-1, probs.shape[-1])  # [n,Q]
+            band_labels, band_confidence = labels[top:bottom].view(-1), confidence[top:bottom].view(-1)
+            if bounds.due():
+                classes = tile_candidates(class_major, probs, cols).any(0).nonzero()[:, 0]
+                # A few classes: their columns only, one narrow product (2-3x faster than all 133
+                # up to K = 64, measured).
+                if bounds.paid(len(classes) <= num_classes // 2):
+                    scores = pixels @ class_columns[:, torch.cat([classes, sum_column])]  # [n,K+1]
+                    _write_best(scores, len(classes), band_labels, band_confidence, classes)
+                    continue
+            screen_now, left = screening.due(), 0
+            for start in range(0, len(pixels), _SEMANTIC_CPU_STEP):
+                step = slice(start, start + _SEMANTIC_CPU_STEP)
+                step_pixels, step_labels, step_confidence = pixels[step], band_labels[step], band_confidence[step]
+                if not screen_now:
+                    every_class(step_pixels, step_labels, step_confidence)
+                    continue
+                rest = screen(strong, step_pixels, step_labels, step_confidence)
+                left += len(rest)
+                if len(rest):
+                    rest_labels, rest_confidence = step_labels[rest], step_confidence[rest]  # copies
+                    every_class(step_pixels[rest], rest_labels, rest_confidence)
+                    step_labels.index_copy_(0, rest, rest_labels)
+                    step_confidence.index_copy_(0, rest, rest_confidence)
+            if screen_now:
+                screening.paid(2 * left <= len(pixels))
     return SemanticPrediction(labels=labels, confidence=confidence)
+
+
+class _Backoff:
+    """Whether to try a shortcut that may not pay: after it fails, it is skipped the next 1, then 3,
+    7, ... times it comes up; a success resets it. Wasted tries stay logarithmic in the bands."""
+
+    def __init__(self) -> None:
+        self._skips, self._failures = 0, 0
+
+    def due(self) -> bool:
+        if self._skips:
+            self._skips -= 1
+            return False
+        return True
+
+    def paid(self, success: bool) -> bool:
+        """Records a try's outcome; returns ``success``."""
+        self._failures = 0 if success else self._failures + 1
+        self._skips = 2**self._failures - 1
+        return success
+
+
+class _EveryClass(NamedTuple):
+    """Every class scored at each pixel on the CPU, for one image: ``class_columns [Q,C+1+padding]``
+    and ``num_classes`` C (``_class_columns``), a ``buffer`` for the scores and the ``row_argmax``
+    that finds the best."""
+
+    class_columns: Tensor
+    num_classes: int
+    buffer: Tensor
+    row_argmax: RowArgmax
+
+    def __call__(self, pixels: Tensor, labels: Tensor, confidence: Tensor) -> None:
+        """Scores ``pixels [n,Q]`` (mask probabilities; ``n`` at most the buffer's rows) into
+        ``labels [n]`` and ``confidence [n]`` (contiguous): one product, then the best over all
+        its columns (the sum's is <= 0 and the padding's 0: neither wins over a class)."""
+        scores = torch.mm(pixels, self.class_columns, out=self.buffer[: pixels.shape[0]])
+        self.row_argmax(scores, labels)
+        confidence.copy_(class_share(scores.gather(1, labels[:, None])[:, 0], scores[:, self.num_classes].neg()))
 
 
 def _class_columns(class_logits: Tensor) -> Tensor:
     """``[Q,C+1+padding]``: the class probabilities of ``class_logits [Q,C+1]`` ("no object"
-    dropped), then their sum per query, so that one product gives every class's score and a
-    pixel's total; then zeros up to a multiple of ``_COLUMN_MULTIPLE`` columns."""
+    dropped), then minus their sum per query, so that one product gives every class's score and
+    a pixel's total (negated, so that it never wins a maximum over all columns); then zeros up to
+    a multiple of ``_COLUMN_MULTIPLE`` columns, which win only where every class scores 0, after
+    class 0."""
     class_probs = _class_probs(class_logits)
     num_queries, num_classes = class_probs.shape
     columns = class_probs.new_zeros(num_queries, -(-(num_classes + 1) // _COLUMN_MULTIPLE) * _COLUMN_MULTIPLE)
     columns[:, :num_classes] = class_probs
-    columns[:, num_classes] = class_probs.sum(1)
+    columns[:, num_classes] = class_probs.sum(1).neg()
     return columns
 
 
@@ -255,12 +320,12 @@ def _score_every_class(
 def _write_best(
     scores: Tensor, count: int, labels: Tensor, confidence: Tensor, classes: Tensor | None = None
 ) -> None:
-    """From ``scores [...,K+1+]`` (``count`` classes, then their sum) into ``labels`` and ``confidence``
-    views of the same pixels: the first best class (``classes[k]`` when given, else ``k``) and
-    its share of the sum."""
+    """From ``scores [...,K+1+]`` (``count`` classes, then minus their sum) into ``labels`` and
+    ``confidence`` views of the same pixels: the first best class (``classes[k]`` when given, else
+    ``k``) and its share of the sum."""
     best, winner = scores[..., :count].max(-1)
     labels.copy_((winner if classes is None else classes[winner]).view(labels.shape))
-    confidence.copy_(class_share(best, scores[..., count]).view(confidence.shape))
+    confidence.copy_(class_share(best, scores[..., count].neg()).view(confidence.shape))
 
 
 def tile_candidates(class_major: Tensor, probs: Tensor, tile_width: int) -> Tensor:

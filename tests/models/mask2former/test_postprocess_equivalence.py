@@ -188,6 +188,54 @@ def test_semantic_steps_and_tiles_of_any_size_equal_the_reference(logit_size, si
     _assert_semantic_equal(postprocess.semantic_by_tiles(class_logits, image_bands, sizes.original), expected)
 
 
+def _many_class_logits(kind: str, classes: int = 60, queries: int = 40) -> tuple[Tensor, Tensor]:
+    """``[Q,C+1]``, ``[Q,12,16]`` logits with more classes than the screen's strong ones: white-noise
+    masks with six sure queries, off in the left quarter (a random model's pixels there), a
+    random model's everywhere (no sure query), or that noise above a scene (four sure queries,
+    each on one quarter of the bottom half)."""
+    generator = torch.Generator().manual_seed(7)
+    class_logits = torch.randn(queries, classes + 1, generator=generator)
+    mask_logits = 3 * torch.randn(queries, 12, 16, generator=generator)
+    if kind in ("sure-queries", "noise-above-scene"):
+        class_logits[torch.arange(6), torch.arange(6) * 7] += 9.0
+        mask_logits[:6, :, :4] = -8.0
+    if kind == "noise-above-scene":
+        mask_logits[:, 6:] = -8.0
+        for quarter in range(4):
+            mask_logits[quarter, 6:, 4 * quarter : 4 * quarter + 4] = 8.0
+    return class_logits, mask_logits
+
+
+@pytest.mark.parametrize("kind", ["sure-queries", "random-model", "noise-above-scene"])
+def test_semantic_tiles_screen_and_every_class_equal_the_reference(kind: str, monkeypatch) -> None:
+    """60 classes in bands of 2 rows: where the tiles' bounds keep most classes, the class screen
+    settles most pixels of a band with sure queries and leaves the rest to the every-class
+    product; a random model's bands never pay for the screen, which is then skipped ever longer."""
+    from segscope.models.mask2former import postprocess
+
+    class_logits, mask_logits = _many_class_logits(kind)
+    sizes = ImageSizes((48, 64), (45, 61), (45, 61))
+    expected = _reference_semantic(class_logits, _reference_to_image(mask_logits, sizes))
+    screened: list[tuple[int, int]] = []  # (pixels, pixels left) per screened step
+
+    def spy(classes, pixels, labels, confidence):
+        rest = postprocess_screen(classes, pixels, labels, confidence)
+        screened.append((len(pixels), len(rest)))
+        return rest
+
+    postprocess_screen = postprocess.screen
+    monkeypatch.setattr(postprocess, "screen", spy)
+    bands = postprocess.mask_logits_bands(mask_logits, sizes.padded, sizes.resized, sizes.original)
+    _assert_semantic_equal(postprocess.semantic_by_tiles(class_logits, bands.band, sizes.original, (2, 16)), expected)
+    seen, left = (sum(column) for column in zip(*screened))
+    if kind == "sure-queries":  # most of the 23 bands screened, most of their pixels settled
+        assert len(screened) >= 12 and 0 < left < seen / 2
+    elif kind == "random-model":  # nothing settled: screened in bands 0, 2, 6 and 14 only
+        assert len(screened) == 4 and left == seen
+    else:  # the scene's bands settled by the tiles' bounds
+        assert 0 < len(screened) < 16 and left > 0
+
+
 @pytest.mark.parametrize("logit_size, sizes, make_logits", CASES[::4])
 def test_mask_logits_bands_equal_the_resized_logits(logit_size, sizes, make_logits) -> None:
     """Every band, of any height, is those rows of ``mask_logits_to_image``, pixel-major (to float
@@ -346,3 +394,14 @@ def test_panoptic_pixel_chunks_do_not_change_the_segments(logit_size, sizes, mak
     prediction = _postprocess(class_logits, mask_logits, sizes, "panoptic", threshold)
     assert torch.equal(prediction.panoptic_seg, expected_seg)
     assert [dict(segment) for segment in prediction.segments] == expected_segments
+
+
+def test_a_shortcut_that_fails_is_skipped_1_then_3_then_7_times_until_it_pays() -> None:
+    from segscope.models.mask2former.postprocess import _Backoff
+
+    backoff, outcomes, tried = _Backoff(), iter([False, False, True, False, True]), []
+    for turn in range(10):
+        if backoff.due():
+            tried.append(turn)
+            backoff.paid(next(outcomes))
+    assert tried == [0, 2, 6, 7, 9]
