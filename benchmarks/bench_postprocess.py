@@ -11,7 +11,8 @@ with ``get_architecture("mask2former").postprocess`` (detectron2's rules). The t
 median seconds after a warm-up and the ratio segscope / HF (below 1: segscope is faster).
 Semantic: HF scores the classes on 384 x 384 masks and resizes the ``[C,H,W]`` scores; segscope
 follows detectron2 (resize the ``[Q,h,w]`` mask logits, then score every pixel of the original
-size), so it does ``Q x C`` multiply-adds per original pixel, and returns labels and confidence.
+size), so it does up to ``Q x C`` multiply-adds per original pixel (fewer where it proves that
+a class cannot win there), and returns labels and confidence.
 
     python benchmarks/bench_postprocess.py --repeats 5 [--logits noise scene] [--json results.json]
 """
