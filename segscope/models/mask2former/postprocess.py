@@ -244,7 +244,8 @@ def semantic_by_tiles(
                 rest = screen(strong, step_pixels, step_labels, step_confidence)
                 left += len(rest)
                 if len(rest):
-                    rest_labels, rest_confidence = step_labels[rest], step_confidence[rest]  # copies
+                    rest_labels = step_labels.new_empty(len(rest))
+                    rest_confidence = step_confidence.new_empty(len(rest))
                     every_class(step_pixels[rest], rest_labels, rest_confidence)
                     step_labels.index_copy_(0, rest, rest_labels)
                     step_confidence.index_copy_(0, rest, rest_confidence)
