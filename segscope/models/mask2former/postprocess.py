@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segscope.models.mask2former.class_screen import class_screen, screen
+from segscope.models.mask2former.class_screen import ClassScreen, class_screen, screen
 from segscope.models.ops.argmax import RowArgmax
 from segscope.models.ops.bilinear import BandedResize, LinearAxis, ResizeStage, linear_axis
 from segscope.models.ops.boxes import mask_boxes
@@ -234,24 +234,33 @@ def semantic_by_tiles(
                     scores = pixels @ class_columns[:, torch.cat([classes, sum_column])]  # [n,K+1]
                     _write_best(scores, len(classes), band_labels, band_confidence, classes)
                     continue
-            screen_now, left = screening.due(), 0
-            for start in range(0, len(pixels), _SEMANTIC_CPU_STEP):
-                step = slice(start, start + _SEMANTIC_CPU_STEP)
-                step_pixels, step_labels, step_confidence = pixels[step], band_labels[step], band_confidence[step]
-                if not screen_now:
-                    every_class(step_pixels, step_labels, step_confidence)
-                    continue
-                rest = screen(strong, step_pixels, step_labels, step_confidence)
-                left += len(rest)
-                if len(rest):
-                    rest_labels = step_labels.new_empty(len(rest))
-                    rest_confidence = step_confidence.new_empty(len(rest))
-                    every_class(step_pixels[rest], rest_labels, rest_confidence)
-                    step_labels.index_copy_(0, rest, rest_labels)
-                    step_confidence.index_copy_(0, rest, rest_confidence)
+            screen_now = screening.due()
+            left = _score_band(pixels, band_labels, band_confidence, every_class, strong if screen_now else None)
             if screen_now:
                 screening.paid(2 * left <= len(pixels))
     return SemanticPrediction(labels=labels, confidence=confidence)
+
+
+def _score_band(
+    pixels: Tensor, labels: Tensor, confidence: Tensor, every_class: _EveryClass, strong: ClassScreen | None
+) -> int:
+    """Every class of a band's ``pixels [n,Q]`` into ``labels [n]`` and ``confidence [n]``, in steps
+    that stay in cache; with the ``strong`` classes' screen first, ``every_class`` only for the
+    pixels it leaves. Returns how many it left (0 without a screen)."""
+    left = 0
+    for start in range(0, len(pixels), _SEMANTIC_CPU_STEP):
+        step = slice(start, start + _SEMANTIC_CPU_STEP)
+        if strong is None:
+            every_class(pixels[step], labels[step], confidence[step])
+            continue
+        rest = screen(strong, pixels[step], labels[step], confidence[step])
+        left += len(rest)
+        if len(rest):
+            rest_labels, rest_confidence = labels.new_empty(len(rest)), confidence.new_empty(len(rest))
+            every_class(pixels[step][rest], rest_labels, rest_confidence)
+            labels[step].index_copy_(0, rest, rest_labels)
+            confidence[step].index_copy_(0, rest, rest_confidence)
+    return left
 
 
 class _Backoff:
