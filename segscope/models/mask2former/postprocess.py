@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segscope.models.mask2former.class_screen import ClassScreen, class_screen, screen
+from segscope.models.mask2former.class_screen import ClassScreen, class_screen, pad_columns, screen
 from segscope.models.ops.argmax import RowArgmax
 from segscope.models.ops.bilinear import BandedResize, LinearAxis, ResizeStage, linear_axis
 from segscope.models.ops.boxes import mask_boxes
@@ -126,10 +126,6 @@ _SEMANTIC_TILE = (16, 256)
 # Pixels per product where a band of ``semantic_by_tiles`` is scored whole: its [step,C] scores
 # stay in cache (4096 to 8192 measured fastest here).
 _SEMANTIC_CPU_STEP = 8192
-# The class columns of the products are padded with zeros to a multiple of this: torch's CPU
-# matmul of [n,100] x [100,N] ran at 142 GFLOP/s for N = 134 and 172 for N = 144, and over the
-# 973k pixels of 800x1216 took 0.06-0.08 s for N = 2 to 9 but 0.023 s for N = 16 (measured).
-_COLUMN_MULTIPLE = 16
 # A class is dropped from a tile only when its upper bound trails the best lower bound by this
 # fraction: far more than the float rounding of the bounds' 100-term sums (~1e-5 at worst), so
 # a dropped class can never have been the best, nor tied with it.
@@ -169,7 +165,7 @@ def semantic_by_steps(
     in steps of ``step`` pixels, every class scored at every pixel; no host syncs (the GPU's path).
 
     Each step takes the sigmoid of its ``[Q,step]`` logits (in place with ``in_place``, for a
-    caller that owns them), then ``_score_every_class``.
+    caller that owns them), then scores them (``_EveryClass``, with torch's argmax).
     """
     num_queries, height, width = mask_logits.shape
     num_classes = class_logits.shape[1] - 1
@@ -178,11 +174,12 @@ def semantic_by_steps(
     labels = mask_logits.new_empty(height * width, dtype=torch.int64)
     confidence = mask_logits.new_empty(height * width, dtype=torch.float32)
     buffer = pixels.new_empty(min(step, height * width), class_columns.shape[1])
+    every_class = _EveryClass(class_columns, num_classes, buffer, _torch_argmax)
     for start in range(0, height * width, step):
         window = slice(start, start + step)
         logits = pixels[:, window]
         probs = logits.sigmoid_() if in_place else logits.sigmoid()
-        _score_every_class(probs.t(), class_columns, num_classes, labels[window], confidence[window], buffer)
+        every_class(probs.t(), labels[window], confidence[window])
     return SemanticPrediction(labels=labels.view(height, width), confidence=confidence.view(height, width))
 
 
@@ -232,8 +229,8 @@ def semantic_by_tiles(
                 # A few classes: their columns only, one narrow product (2-3x faster than all 133
                 # up to K = 64, measured).
                 if bounds.paid(len(classes) <= num_classes // 2):
-                    scores = pixels @ _padded(class_columns[:, torch.cat([classes, sum_column])])  # [n,K+1+]
-                    _write_best(scores, len(classes), band_labels, band_confidence, classes)
+                    scores = pixels @ pad_columns(class_columns[:, torch.cat([classes, sum_column])])  # [n,K+1+]
+                    _write_best(scores, classes, band_labels, band_confidence)
                     continue
             screen_now = screening.due()
             left = _score_band(pixels, band_labels, band_confidence, every_class, strong if screen_now else None)
@@ -285,59 +282,46 @@ class _Backoff:
 
 
 class _EveryClass(NamedTuple):
-    """Every class scored at each pixel on the CPU, for one image: ``class_columns [Q,C+1+padding]``
-    and ``num_classes`` C (``_class_columns``), a ``buffer`` for the scores and the ``row_argmax``
-    that finds the best."""
+    """Every class scored at each pixel, for one image: ``class_columns [Q,C+1+padding]`` and
+    ``num_classes`` C (``_class_columns``), a ``buffer`` for the scores and the ``argmax`` that
+    finds each row's best (``argmax(scores, out)``: ``RowArgmax`` on the CPU, torch's elsewhere)."""
 
     class_columns: Tensor
     num_classes: int
     buffer: Tensor
-    row_argmax: RowArgmax
+    argmax: Callable[[Tensor, Tensor], Tensor]
 
     def __call__(self, pixels: Tensor, labels: Tensor, confidence: Tensor) -> None:
         """Scores ``pixels [n,Q]`` (mask probabilities; ``n`` at most the buffer's rows) into
-        ``labels [n]`` and ``confidence [n]`` (contiguous): one product, then the best over all
-        its columns (the sum's is <= 0 and the padding's 0: neither wins over a class)."""
+        ``labels [n]`` and ``confidence [n]`` (contiguous): one product, pixel-major so that the
+        best reduces along contiguous memory, then the best over all its columns (the sum's is
+        <= 0 and the padding's 0: neither wins over a class)."""
         scores = torch.mm(pixels, self.class_columns, out=self.buffer[: pixels.shape[0]])
-        self.row_argmax(scores, labels)
+        self.argmax(scores, labels)
         confidence.copy_(class_share(scores.gather(1, labels[:, None])[:, 0], scores[:, self.num_classes].neg()))
+
+
+def _torch_argmax(scores: Tensor, out: Tensor) -> Tensor:
+    """``_EveryClass``'s argmax off the CPU: torch's, each row's first best column into ``out``."""
+    return torch.argmax(scores, 1, out=out)
 
 
 def _class_columns(class_logits: Tensor) -> Tensor:
     """``[Q,C+1+padding]``: the class probabilities of ``class_logits [Q,C+1]`` ("no object"
     dropped), then minus their sum per query, so that one product gives every class's score and
     a pixel's total (negated, so that it never wins a maximum over all columns); then zeros up to
-    a multiple of ``_COLUMN_MULTIPLE`` columns, which win only where every class scores 0, after
+    a multiple of ``class_screen.COLUMN_MULTIPLE`` columns, which win only where every class scores 0, after
     class 0."""
     class_probs = _class_probs(class_logits)
-    return _padded(torch.cat([class_probs, class_probs.sum(1, keepdim=True).neg()], 1))
+    return pad_columns(torch.cat([class_probs, class_probs.sum(1, keepdim=True).neg()], 1))
 
 
-def _padded(columns: Tensor) -> Tensor:
-    """``columns [Q,N]`` then zero columns up to a multiple of ``_COLUMN_MULTIPLE``."""
-    return F.pad(columns, (0, -columns.shape[1] % _COLUMN_MULTIPLE))
-
-
-def _score_every_class(
-    pixels: Tensor, class_columns: Tensor, num_classes: int, labels: Tensor, confidence: Tensor, buffer: Tensor
-) -> None:
-    """Every class at each pixel of ``pixels [n,Q]`` (mask probabilities): one product with
-    ``class_columns [Q,C+1+padding]`` into ``buffer`` (at least ``n`` rows), pixel-major so that
-    the best class and the sum reduce along contiguous memory; then ``_write_best`` into the
-    ``labels`` and ``confidence`` views of those ``n`` pixels (any shape)."""
-    scores = torch.mm(pixels, class_columns, out=buffer[: pixels.shape[0]])
-    _write_best(scores, num_classes, labels, confidence)
-
-
-def _write_best(
-    scores: Tensor, count: int, labels: Tensor, confidence: Tensor, classes: Tensor | None = None
-) -> None:
-    """From ``scores [...,K+1+]`` (``count`` classes, then minus their sum) into ``labels`` and
-    ``confidence`` views of the same pixels: the first best class (``classes[k]`` when given, else
-    ``k``) and its share of the sum."""
-    best, winner = scores[..., :count].max(-1)
-    labels.copy_((winner if classes is None else classes[winner]).view(labels.shape))
-    confidence.copy_(class_share(best, scores[..., count].neg()).view(confidence.shape))
+def _write_best(scores: Tensor, classes: Tensor, labels: Tensor, confidence: Tensor) -> None:
+    """From ``scores [n,K+1+]`` (the ``K`` ``classes``, then minus their sum) into ``labels [n]`` and
+    ``confidence [n]``: each pixel's first best class and its share of the sum."""
+    best, winner = scores[:, : len(classes)].max(-1)
+    labels.copy_(classes[winner])
+    confidence.copy_(class_share(best, scores[:, len(classes)].neg()))
 
 
 def tile_candidates(class_major: Tensor, probs: Tensor, tile_width: int) -> Tensor:
